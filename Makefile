@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` and `make test`. Each builds .venv from nothing when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# checkov pins old versions of packages that mlflow and ray need newer: it lives in its own venv.
+TOOLS_VENV ?= .venv-tools
+STAMP := $(VENV)/.installed-stamp
+TOOLS_STAMP := $(TOOLS_VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP) $(TOOLS_STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first, pinned, so nothing below pulls a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(TOOLS_STAMP):
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet checkov==3.3.30
+	touch $@
+
+demo: $(STAMP)
+	$(PY) sweeps/launch.py --grid demo
+
+# Every tier: unit, slow (end-to-end sweeps on real Ray + MLflow) and integration
+# (mlflow server on PostgreSQL, two-node Ray). CI runs this.
+test: $(STAMP) $(TOOLS_STAMP)
+	CHECKOV=$(abspath $(TOOLS_VENV))/bin/checkov $(PY) -m pytest -q
+
+# The quick tier for the edit-test loop.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not integration"
+
+bench: $(STAMP)
+	$(PY) bench/metrics.py
+	$(PY) bench/unet.py
+	$(PY) bench/methods.py
+
+clean:
+	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache mlruns mlflow.db
