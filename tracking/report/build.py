@@ -1,0 +1,147 @@
+"""build_report: MLflow runs → every report file in one folder, then logged to the sweep run.
+
+Everything is read and computed before the first file is written, so bad data (a missing
+artifact, a duplicated subject) stops the report with nothing written; each file is then written
+atomically.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from tracking.report import files as names
+from tracking.report.analysis import analyse, pareto_by_weights, subject_table, weights_key
+from tracking.report.atomic import write_csv, write_png, write_text
+from tracking.report.dispersion import dispersion_table, subject_accuracy
+from tracking.report.document import ReportContext, report_markdown
+from tracking.report.errors import WarningLog, log
+from tracking.report.fetch import (
+    ArtifactReader,
+    TrialSet,
+    collect_trials,
+    log_report_files,
+    open_client,
+    redact_uri,
+)
+from tracking.report.figures import reliability_figure, scatter_figure, violin_figure
+from tracking.report.files import FILE_DESCRIPTIONS
+from tracking.report.selection import Selection, pool_subjects, select_runs
+from tracking.report.tables import latex_table, markdown_table
+from tracking.store import resolve_tracking_uri
+
+ARTIFACT_PATH = "report"
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """What build_report produced."""
+
+    out_dir: Path
+    files: tuple[Path, ...]
+    results: pd.DataFrame
+    selections: tuple[Selection, ...]
+    warnings: tuple[str, ...]
+    logged_to: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class ReportData:
+    """Everything computed from MLflow, before any file is written."""
+
+    tracking_uri: str
+    client: MlflowClient
+    trials: TrialSet
+    select_by: str
+    use_holm: bool
+    selections: tuple[Selection, ...]
+    results: pd.DataFrame  # results_long
+    dispersion: pd.DataFrame  # subject_dispersion
+    accuracy: dict  # (dataset, weights, method) → subject_accuracy frame
+    warn: WarningLog
+
+
+def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: str | None = None,
+                   select_by: str = "val_loss", use_holm: bool = False,
+                   scope: str | None = None) -> ReportData:
+    """Read the runs (tracking.report.fetch), select learning rates, pool subjects, test, find
+    fronts. Raises ReportError naming the run, artifact or subject on bad data."""
+    uri = resolve_tracking_uri(tracking_uri)  # the sweep's rule: argument, $MLFLOW_TRACKING_URI, ./mlflow.db
+    client = open_client(uri)
+    warn = WarningLog()
+    trials = collect_trials(client, experiment, sweep_run, scope, warn)
+    tables, bins = {}, {}
+    with tempfile.TemporaryDirectory(prefix="calib-report-") as tmp:
+        reader = ArtifactReader(client, Path(tmp))
+        selections = select_runs(trials.runs, select_by, reader.per_subject, warn)
+        for s in selections:
+            protocols = {r.protocol for r in s.runs}
+            if len(protocols) > 1:
+                warn.warn(f"{'/'.join(s.key)}: folds were run under different protocols "
+                          f"({', '.join(sorted(p or 'not recorded' for p in protocols))})")
+            pooled = pool_subjects(s, [reader.per_subject(r) for r in s.runs], "per_subject.csv")
+            tables[s.key] = subject_table(s, pooled, warn)
+            bins[s.key] = pool_subjects(s, [reader.reliability_bins(r) for r in s.runs],
+                                        "reliability_bins.csv")
+    results = analyse(selections, tables, use_holm, warn)
+    return ReportData(uri, client, trials, select_by, use_holm, tuple(selections), results,
+                      dispersion_table(bins), {k: subject_accuracy(b) for k, b in bins.items()}, warn)
+
+
+def write_report(data: ReportData, out: Path, log_artifacts: bool = True) -> ReportOutcome:
+    """Write every file into ``out`` (atomically each) and log them to the sweep run."""
+    out = Path(out)
+    logged_to = data.trials.log_run_id if log_artifacts else None
+    ctx = ReportContext(redact_uri(data.tracking_uri), data.trials, data.select_by, data.use_holm,
+                        logged_to, FILE_DESCRIPTIONS)
+    files = _write_all(out, data, ctx)
+    if logged_to:
+        log_report_files(data.client, logged_to, list(files), ARTIFACT_PATH)
+        log.info("report logged to run %s under %s/", logged_to, ARTIFACT_PATH)
+    return ReportOutcome(out, files, data.results, data.selections, tuple(data.warn.messages),
+                         logged_to)
+
+
+def build_report(experiment: str, out: Path, tracking_uri: str | None = None,
+                 sweep_run: str | None = None, select_by: str = "val_loss", use_holm: bool = False,
+                 scope: str | None = None, log_artifacts: bool = True) -> ReportOutcome:
+    """Build every report file of ``experiment`` into ``out`` and log them to the sweep run.
+
+    ``scope`` is ``"sweep"`` (the children of ``sweep_run``) or ``"experiment"`` (all trial runs;
+    default without ``sweep_run``); see tracking.report.fetch. ``select_by`` ∈ SELECT_BY. Raises
+    ReportError (a run, artifact or subject named) on bad data, ReportArgumentError on an unknown
+    experiment or sweep run; nothing is written then.
+    """
+    data = compute_report(experiment, tracking_uri, sweep_run, select_by, use_holm, scope)
+    return write_report(data, out, log_artifacts)
+
+
+def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, ...]:
+    results, dispersion, accuracy = data.results, data.dispersion, data.accuracy
+    files = [write_csv(out / names.RESULTS, results)]
+    within = pareto_by_weights(results)
+    for ds in sorted(results["dataset"].unique()):
+        part = results["dataset"] == ds
+        files.append(write_text(out / names.table_md(ds),
+                                markdown_table(results, ds, ctx.use_holm, ctx.select_by)))
+        files.append(write_text(out / names.table_tex(ds),
+                                latex_table(results, ds, ctx.use_holm, ctx.select_by)))
+        pareto = results.loc[part, ["dataset", "weights", "method", "lr_selected", "dice_mean",
+                                    "ece_pct_mean", "pareto"]].copy()
+        pareto["pareto_within_weights"] = within[part]
+        files.append(write_csv(out / names.pareto_csv(ds), pareto.sort_values("ece_pct_mean")))
+        files.append(write_png(out / names.fig1(ds), scatter_figure(results, ds)))
+        for w in sorted(results.loc[part, "weights"].unique(), key=weights_key):
+            acc = {m: a for (d, ww, m), a in accuracy.items() if (d, ww) == (ds, w)}
+            files.append(write_png(out / names.fig2(ds, w),
+                                   reliability_figure(acc, ds, w)))
+            files.append(write_png(out / names.fig3(ds, w), violin_figure(acc, ds, w)))
+    files.append(write_csv(out / names.DISPERSION, dispersion))
+    # report.md last, so that the warnings raised while writing are in it too.
+    files.append(write_text(out / names.REPORT,
+                            report_markdown(results, data.selections, dispersion, data.warn.messages, ctx)))
+    return tuple(files)

@@ -1,0 +1,55 @@
+"""The report's file names, in one place (build writes them, report.md links them)."""
+
+from __future__ import annotations
+
+import re
+
+RESULTS = "results_long.csv"
+DISPERSION = "subject_dispersion.csv"
+REPORT = "report.md"
+FILE_DESCRIPTIONS = {
+    RESULTS: "one row per dataset × weights × method: selected LR, subjects, mean Dice, mean ECE %, "
+             "p vs best, bold, Pareto (DESIGN.md contract), then p vs base, protocol, selection "
+             "rule, p adjustment, true CE % on phantoms",
+    "table_<dataset>.md": "Table 1/2: methods × weights × {Dice, ECE %}, bold cells (Markdown)",
+    "table_<dataset>.tex": "the same table as a LaTeX float (booktabs)",
+    "pareto_<dataset>.csv": "every point of the dataset with `pareto` (front over all weights) and "
+                            "`pareto_within_weights`",
+    "fig1_scatter_<dataset>.png": "Figure 1: ECE % vs Dice per method and weights, Pareto fronts",
+    "fig2_reliability_<dataset>_<weights>.png": "Figure 2: reliability diagram, mean ± std over "
+                                               "subjects, base vs each calibrated method",
+    "fig3_violins_<dataset>_<weights>.png": "Figure 3: violins of per-subject accuracy per bin, one "
+                                           "row per method",
+    DISPERSION: "per dataset × weights × method × bin: spread (std, IQR) of subject accuracy, with "
+                "the base model's beside it",
+    REPORT: "this report",
+}
+
+
+def _safe(name: str) -> str:
+    # dataset and weights names come from run tags: keep them from making paths
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def table_md(dataset: str) -> str:
+    return f"table_{_safe(dataset)}.md"
+
+
+def table_tex(dataset: str) -> str:
+    return f"table_{_safe(dataset)}.tex"
+
+
+def pareto_csv(dataset: str) -> str:
+    return f"pareto_{_safe(dataset)}.csv"
+
+
+def fig1(dataset: str) -> str:
+    return f"fig1_scatter_{_safe(dataset)}.png"
+
+
+def fig2(dataset: str, weights: str) -> str:
+    return f"fig2_reliability_{_safe(dataset)}_{_safe(weights)}.png"
+
+
+def fig3(dataset: str, weights: str) -> str:
+    return f"fig3_violins_{_safe(dataset)}_{_safe(weights)}.png"
