@@ -1,0 +1,97 @@
+"""Dice, Brier, NLL and the boundary-band ECE: hand-worked cases on numpy and torch inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import calib.metrics.binning as binning
+import calib.metrics.boundary as boundary
+import calib.metrics.scores as scores
+from calib.metrics import NLL_EPS, MetricInputError, boundary_band, boundary_ece, brier, dice, ece, nll
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(params=["numpy", "torch-backend"])
+def backend(request, monkeypatch):
+    if request.param == "numpy":
+        return np.asarray
+    force = lambda *a: any(isinstance(x, torch.Tensor) for x in a if x is not None)  # noqa: E731
+    for mod in (binning, scores, boundary):
+        monkeypatch.setattr(mod, "use_torch", force)
+    return lambda a: torch.as_tensor(np.asarray(a))
+
+
+def test_dice_hand_cases(backend):
+    p = backend(np.array([0.9, 0.6, 0.5, 0.2, 0.51]))
+    y = backend(np.array([1, 0, 1, 0, 1]))
+    # prediction p > 0.5: 1,1,0,0,1 -> intersection 2, |P| 3, |Y| 3
+    assert dice(p, y) == pytest.approx(4 / 6)
+    m = backend(np.array([True, False, True, True, True]))
+    assert dice(p, y, m) == pytest.approx(4 / 5)
+    zeros = backend(np.zeros(4))
+    assert dice(zeros, backend(np.zeros(4, np.uint8))) == 1.0  # empty-empty
+    assert dice(zeros, backend(np.array([0, 1, 0, 0]))) == 0.0
+    assert dice(p, y, backend(np.zeros(5, bool))) == 1.0  # empty mask: nothing to find
+
+
+def test_brier_and_nll_hand_cases(backend):
+    p = backend(np.array([0.25, 1.0, 0.5]))
+    y = backend(np.array([0, 1, 1]))
+    assert brier(p, y) == pytest.approx((0.0625 + 0 + 0.25) / 3)
+    expected = -(math.log(0.75) + math.log(1 - NLL_EPS) + math.log(0.5)) / 3
+    assert nll(p, y) == pytest.approx(expected, rel=1e-12)
+    # p = 0 for a positive voxel is clipped, not infinite
+    assert nll(backend(np.array([0.0])), backend(np.array([1]))) == pytest.approx(-math.log(NLL_EPS))
+    none = backend(np.zeros(3, bool))
+    assert math.isnan(brier(p, y, none)) and math.isnan(nll(p, y, none))
+
+
+def test_band_of_a_cube(backend):
+    lab = np.zeros((9, 9, 9), np.uint8)
+    lab[3:6, 3:6, 3:6] = 1
+    band = np.asarray(boundary_band(backend(lab), 1))
+    assert band.sum() == 5 ** 3 - 1  # dilated 5^3 minus the eroded centre voxel
+    assert not band[4, 4, 4] and band[2, 2, 2] and not band[1, 4, 4]
+    band2 = np.asarray(boundary_band(backend(lab), 2))
+    assert band2.sum() == 7 ** 3  # erosion by 2 empties the cube
+
+
+def test_volume_edge_is_not_a_boundary(backend):
+    lab = np.zeros((6, 6, 6), np.uint8)
+    lab[:3] = 1  # a slab touching the volume edge on five sides
+    band = np.asarray(boundary_band(backend(lab), 1))
+    assert band.sum() == 2 * 36 and band[2].all() and band[3].all()
+
+
+def test_boundary_ece_uses_only_the_band(backend):
+    rng = np.random.default_rng(0)
+    lab = np.zeros((10, 10, 10), np.uint8)
+    lab[3:7, 3:7, 3:7] = 1
+    p = rng.random(lab.shape)
+    mask = np.ones(lab.shape, bool)
+    mask[0] = False
+    band = np.asarray(boundary_band(lab, 1)) & mask
+    assert boundary_ece(backend(p), backend(lab), backend(mask), band_voxels=1) == \
+        pytest.approx(ece(p, lab, band), abs=1e-14)
+    # 3 mm at 2 mm spacing -> 2 voxels
+    assert boundary_ece(backend(p), backend(lab), band_mm=3.0, spacing_mm=2.0) == \
+        pytest.approx(ece(p, lab, np.asarray(boundary_band(lab, 2))), abs=1e-14)
+    assert math.isnan(boundary_ece(backend(p), backend(np.zeros_like(lab))))  # no lesion: no band
+    with pytest.raises(MetricInputError, match="3-D"):
+        boundary_ece(backend(p[0]), backend(lab[0]))
+    with pytest.raises(MetricInputError, match="band_voxels"):
+        boundary_ece(backend(p), backend(lab), band_voxels=0)
+
+
+def test_band_numpy_and_torch_agree_on_random_labels(monkeypatch):
+    rng = np.random.default_rng(1)
+    lab = (rng.random((12, 11, 10)) < 0.3).astype(np.uint8)
+    ref = boundary_band(lab, 2)
+    monkeypatch.setattr(boundary, "use_torch", lambda *a: True)
+    got = boundary_band(torch.from_numpy(lab), 2).numpy()
+    assert np.array_equal(ref, got)
