@@ -1,0 +1,142 @@
+"""The MONAI preprocessing pipeline (``build_pipeline``) and three dictionary transforms that the
+stock set lacks:
+
+- ``HeadMaskd``: brain/head mask from a threshold on one channel, as a resamplable image.
+- ``ExtentSpacingd``: resample to isotropic spacing on a grid that spans the voxels' full extent.
+- ``MaskedNormalized``: per-channel z-score with statistics taken inside a mask.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensity,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    SpatialResample,
+)
+
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # (start, end) of each axis: +x runs L -> R
+
+
+class HeadMaskd(MapTransform):
+    """Add ``mask_key``: channel ``channel`` of ``source_key`` > ``threshold``, keeping the affine."""
+
+    def __init__(self, source_key: str, mask_key: str, channel: int = 0, threshold: float = 0.0):
+        super().__init__([source_key])
+        self.source_key, self.mask_key = source_key, mask_key
+        self.channel, self.threshold = channel, threshold
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        src = d[self.source_key]
+        # Float 0/1 so that it can be resampled; slicing a MetaTensor keeps its affine.
+        d[self.mask_key] = (src[self.channel : self.channel + 1] > self.threshold).to(torch.float32)
+        return d
+
+
+def extent_grid(affine: np.ndarray, shape: Sequence[int], spacing: float) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Output affine and shape for resampling a grid to ``spacing`` mm, axis directions kept.
+
+    Each input voxel is a box (a 5 mm slice covers 5 mm), so the output spans n * t mm along an
+    axis of n voxels of size t, centred on the input grid. Both grids then cover the same volume
+    of tissue; MONAI's Spacing spans voxel centres only, (n - 1) * t, which drops half a slice
+    at each end: a third of a 3-slice ISLES slab.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    n = np.asarray(shape, dtype=np.float64)
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    out_shape = np.maximum(1, np.round(n * sizes / spacing)).astype(int)
+    out = np.eye(4)
+    out[:3, :3] = affine[:3, :3] / sizes * spacing
+    centre = affine[:3, :3] @ ((n - 1) / 2) + affine[:3, 3]
+    out[:3, 3] = centre - out[:3, :3] @ ((out_shape - 1) / 2)
+    return out, tuple(int(s) for s in out_shape)
+
+
+class ExtentSpacingd(MapTransform):
+    """Resample ``keys`` onto the ``extent_grid`` of the first key (MONAI SpatialResample).
+
+    ``modes`` per key ("bilinear" for images, "nearest" for labels/masks). Outside the outermost
+    voxel centres (up to half a voxel) values repeat the edge voxel ("border" padding), which is
+    what a thick slice means.
+    """
+
+    def __init__(self, keys: Sequence[str], spacing: float, modes: Sequence[str]):
+        super().__init__(keys)
+        self.spacing = float(spacing)
+        self.modes = dict(zip(self.keys, modes))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        ref = d[self.keys[0]]
+        dst_affine, shape = extent_grid(np.asarray(ref.affine), ref.shape[1:], self.spacing)
+        for key in self.key_iterator(d):
+            resample = SpatialResample(mode=self.modes[key], padding_mode="border", dtype=torch.float32)
+            d[key] = resample(d[key], dst_affine=torch.as_tensor(dst_affine), spatial_size=shape)
+        return d
+
+
+class MaskedNormalized(MapTransform):
+    """Z-score each channel of ``keys`` with the mean/std of the voxels where ``mask_key`` is set,
+    then set everything outside the mask to 0 (MONAI's NormalizeIntensity does the arithmetic).
+
+    MONAI's own ``nonzero=True`` takes statistics over non-zero voxels, which is the brain for
+    skull-stripped MR but not the head of a CT, and leaves zeros inside the brain unnormalised.
+    """
+
+    def __init__(self, keys: str | Sequence[str], mask_key: str):
+        super().__init__(keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        inside = d[self.mask_key][0] > 0.5
+        for key in self.key_iterator(d):
+            img = d[key]
+            if not inside.any():  # no statistics to take; the caller refuses an empty mask
+                d[key] = img * 0
+                continue
+            values = img[:, inside].to(torch.float64)
+            means = values.mean(dim=1).tolist()
+            stds = values.std(dim=1, unbiased=False).tolist()  # a 0 std is taken as 1 by MONAI
+            img = NormalizeIntensity(subtrahend=means, divisor=stds, channel_wise=True)(img)
+            d[key] = img * inside.to(img.dtype)
+        return d
+
+
+def build_pipeline(
+    spacing: float,
+    shape: Sequence[int],
+    mask_threshold: float,
+    with_true_prob: bool,
+    orientation: str = "RAS",
+) -> Compose:
+    """The per-subject pipeline of ``calib.data.preprocess`` (see its docstring for the steps).
+
+    Input: ``{"image": [channel paths], "label": path, "true_prob": path}``; output MetaTensors
+    ``image`` (C,X,Y,Z), ``label``, ``mask``, ``true_prob`` (1,X,Y,Z) on the ``shape`` grid.
+    """
+    extra = ["true_prob"] if with_true_prob else []
+    keys = ["image", "label", "mask", *extra]
+    modes = ["bilinear", "nearest", "nearest", *(["bilinear"] if with_true_prob else [])]
+    return Compose(
+        [
+            LoadImaged(["image", "label", *extra], reader="NibabelReader", image_only=True,
+                       dtype=np.float32, ensure_channel_first=True),
+            HeadMaskd("image", "mask", channel=0, threshold=mask_threshold),
+            # NibabelReader affines are RAS+ world; these labels are nibabel's axis convention.
+            Orientationd(keys, axcodes=orientation, labels=_RAS_LABELS),
+            ExtentSpacingd(keys, spacing, modes),
+            AsDiscreted("label", threshold=0.5),  # whole tumour / lesion: any label > 0
+            MaskedNormalized("image", "mask"),
+            ResizeWithPadOrCropd(keys, spatial_size=tuple(shape), mode="constant"),
+        ]
+    )
