@@ -1,0 +1,81 @@
+"""Per-subject evaluation of foreground probabilities: the rows of per_subject.csv and
+reliability_bins.csv (DESIGN.md, MLflow artifacts)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from calib import metrics
+
+#: Columns of per_subject.csv, in order (true_ce only when the subject has a true probability).
+PER_SUBJECT_COLUMNS = ("subject_id", "fold", "dice", "ece", "brier", "nll", "mce", "boundary_ece",
+                       "true_ce")
+BIN_COLUMNS = ("subject_id", "bin", "count", "conf_sum", "pos_sum")
+
+
+def evaluate_subject(prob: np.ndarray, label: np.ndarray, mask: np.ndarray,
+                     true_prob: np.ndarray | None = None, n_bins: int = 20
+                     ) -> tuple[dict[str, float], pd.DataFrame]:
+    """Metrics of one volume's foreground probabilities inside its mask.
+
+    Args:
+        prob: float (X, Y, Z) in [0, 1]; label: {0, 1} (X, Y, Z); mask: bool (X, Y, Z).
+        true_prob: the phantom's true foreground probability (X, Y, Z), or None.
+        n_bins: ECE / reliability bins (20 in the paper).
+
+    Returns:
+        ``row``: ``dice`` (threshold 0.5), ``ece``, ``brier``, ``nll``, ``mce``, ``boundary_ece``
+        (fractions, not %), and ``true_ce`` = mean |prob - true_prob| in the mask when
+        ``true_prob`` is given; ``bins``: DataFrame ``bin, count, conf_sum, pos_sum`` (n_bins rows;
+        these add across subjects, see :func:`calib.metrics.ece_from_bins`).
+    """
+    prob = np.asarray(prob, dtype=np.float32)
+    label = np.asarray(label)
+    mask = np.asarray(mask, dtype=bool)
+    if prob.shape != label.shape or prob.shape != mask.shape:
+        raise ValueError(f"prob {prob.shape}, label {label.shape} and mask {mask.shape} must have "
+                         "one shape")
+    row = {
+        "dice": float(metrics.dice(prob, label, mask)),
+        "ece": float(metrics.ece(prob, label, mask, n_bins=n_bins)),
+        "brier": float(metrics.brier(prob, label, mask)),
+        "nll": float(metrics.nll(prob, label, mask)),
+        "mce": float(metrics.mce(prob, label, mask, n_bins=n_bins)),
+        "boundary_ece": float(metrics.boundary_ece(prob, label, mask, n_bins=n_bins)),
+    }
+    if true_prob is not None:
+        true_prob = np.asarray(true_prob, dtype=np.float32)
+        if true_prob.shape != prob.shape:
+            raise ValueError(f"true_prob {true_prob.shape} does not match prob {prob.shape}")
+        row["true_ce"] = float(np.abs(prob[mask] - true_prob[mask]).mean()) if mask.any() else float("nan")
+    count, conf_sum, pos_sum = metrics.reliability_bins(prob, label, mask, n_bins=n_bins)
+    bins = pd.DataFrame({"bin": np.arange(n_bins), "count": np.asarray(count),
+                         "conf_sum": np.asarray(conf_sum, dtype=np.float64),
+                         "pos_sum": np.asarray(pos_sum, dtype=np.float64)})
+    return row, bins
+
+
+def evaluate_subjects(predict: Callable[[object], np.ndarray], subjects: Iterable, fold: int,
+                      n_bins: int = 20) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluate ``predict(subject) -> prob (X, Y, Z)`` on each subject of a SubjectSet.
+
+    Each subject needs ``subject_id``, ``label``, ``mask`` and ``true_prob`` (None allowed), as
+    :class:`calib.methods.SubjectRef` has. Returns ``(per_subject, reliability_bins)`` with the
+    columns :data:`PER_SUBJECT_COLUMNS` (``true_ce`` when any subject has a true probability;
+    NaN for those without) and :data:`BIN_COLUMNS`.
+    """
+    rows, bins = [], []
+    for subject in subjects:
+        prob = predict(subject)
+        row, sbins = evaluate_subject(prob, subject.label, subject.mask, subject.true_prob, n_bins)
+        rows.append({"subject_id": subject.subject_id, "fold": int(fold), **row})
+        bins.append(sbins.assign(subject_id=subject.subject_id))
+    per_subject = pd.DataFrame(rows)
+    columns = [c for c in PER_SUBJECT_COLUMNS if c in per_subject.columns]
+    per_subject = per_subject[columns]
+    reliability = pd.concat(bins, ignore_index=True)[list(BIN_COLUMNS)] if bins else \
+        pd.DataFrame(columns=list(BIN_COLUMNS))
+    return per_subject, reliability

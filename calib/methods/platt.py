@@ -1,0 +1,47 @@
+"""Platt scaling (Platt 1999): a 1x1 convolution on the base logit, 2 weights, trained with CE.
+
+``p = sigmoid(a * z + b)`` per voxel, fitted on cached logits in batches of 64 z-slices (the
+paper's recipe, DESIGN.md "Facts"). Starts at the identity ``a = 1, b = 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from calib.methods.logit_based import CALIBRATION_SCHEDULE, LogitCalibrator
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 (``dims=2``) or 1x1x1 (``dims=3``) convolution with one input and one output channel,
+    parameters shaped as ``nn.Conv2d(1, 1, 1)`` / ``nn.Conv3d(1, 1, 1)``, computed as the equal
+    elementwise ``weight * z + bias``: on the CPU torch's convolution kernels take ~40x longer for
+    a single channel. Starts at the identity.
+    """
+
+    def __init__(self, dims: int = 2) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones((1, 1) + (1,) * dims))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.weight.reshape(()) + self.bias.reshape(())
+
+
+class PlattScaling(LogitCalibrator):
+    """``p = sigmoid(a z + b)``; parameters: the calibration schedule (lr 5e-3, 64 slices, ...)."""
+
+    name = "platt"
+    DEFAULTS = dict(CALIBRATION_SCHEDULE)
+
+    def build_module(self) -> nn.Module:
+        return PointwiseConv()
+
+    @property
+    def weight_bias(self) -> tuple[float, float]:
+        """The learned ``(a, b)``."""
+        return float(self.module.weight.detach().reshape(())), float(self.module.bias.detach().reshape(()))
+
+    def describe(self) -> dict[str, float]:
+        a, b = self.weight_bias
+        return {"platt_a": a, "platt_b": b}

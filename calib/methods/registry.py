@@ -1,0 +1,66 @@
+"""The calibration methods by name: lookup with typo suggestions, building and loading."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from calib.methods.auxiliary import AuxiliaryConv
+from calib.methods.base import CalibrationMethod, read_saved
+from calib.methods.finetune import FINETUNE_LR, FineTuneLastLayer
+from calib.methods.mc_dropout import MCCenter, MCDecoder
+from calib.methods.params import MethodError, check_weights, closest
+from calib.methods.platt import PlattScaling
+from calib.methods.temperature import TemperatureScaling
+
+METHODS: dict[str, type[CalibrationMethod]] = {
+    cls.name: cls for cls in (PlattScaling, AuxiliaryConv, FineTuneLastLayer, MCDecoder, MCCenter,
+                              TemperatureScaling)
+}
+#: Every method name, in the paper's order, temperature scaling (our addition) last.
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def get_method(name: str) -> type[CalibrationMethod]:
+    """The method class called ``name``; an unknown name suggests the closest valid one."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise MethodError(f"unknown calibration method {name!r}{closest(name, METHOD_NAMES)}; "
+                          f"valid choices: {', '.join(METHOD_NAMES)}") from None
+
+
+def method_has_lr(name: str) -> bool:
+    """True where the learning rate is a swept axis of the grid (the MC methods).
+
+    Platt, auxiliary and temperature use the calibration recipe's fixed 5e-3; fine-tuning's LR is
+    fixed by the base weights (:func:`default_lr`).
+    """
+    return get_method(name).has_lr
+
+
+def default_lr(name: str, weights: str = "CE") -> float:
+    """The initial learning rate ``name`` uses for base ``weights`` when none is given."""
+    cls = get_method(name)
+    check_weights(name, weights)
+    if cls is FineTuneLastLayer:
+        return FINETUNE_LR[weights]
+    return float(cls.DEFAULTS["lr"])
+
+
+def build_method(name: str, params: Mapping[str, Any] | None = None, **context) -> CalibrationMethod:
+    """``get_method(name)(params, **context)`` (context: weights, net_cfg, base_weights, schedule)."""
+    return get_method(name)(params, **context)
+
+
+def load_method(path: Path) -> CalibrationMethod:
+    """Rebuild a method saved with :meth:`CalibrationMethod.save` (no base weights needed)."""
+    payload = read_saved(path)
+    method = get_method(payload["method"])(payload["params"], weights=payload["weights"],
+                                           net_cfg=payload["net_cfg"])
+    try:
+        method.load_state_dict(payload["state"])
+    except RuntimeError as exc:
+        raise MethodError(f"{path}: saved state does not fit method {payload['method']!r} ({exc})") from exc
+    return method

@@ -1,0 +1,183 @@
+"""Stages on a tiny preprocessed phantom dataset: split protocols, pretrain -> base -> calibrate,
+artifacts, resume, bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from calib.data import make_folds, preprocess_dataset, write_phantoms
+from calib.logits import load_logits, read_index
+from calib.methods import METHOD_NAMES, load_method
+from calib.nets import UNetConfig
+from calib.stages import (
+    StageError,
+    make_split,
+    run_base,
+    run_calibrate,
+    run_pretrain,
+)
+from calib.training import TrainConfig
+
+CPU = torch.device("cpu")
+NET = UNetConfig.tiny(4, levels=3, base=2)
+TRAIN = TrainConfig(lr=3e-3, max_epochs=2, batch_size=2)
+PER_SUBJECT = ["subject_id", "fold", "dice", "ece", "brier", "nll", "mce", "boundary_ece", "true_ce"]
+BINS = ["subject_id", "bin", "count", "conf_sum", "pos_sum"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    ids = write_phantoms("brats18", root / "raw", 9, seed=0, shape=(48, 48, 36))
+    cache = preprocess_dataset("brats18", root / "raw", root / "pp", shape=(24, 24, 18),
+                               workers=1, progress=False)
+    return root, cache, make_folds(ids, 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipeline(dataset):
+    """pretrain -> base CE-SD on fold 0 (honest protocol)."""
+    root, cache, folds = dataset
+    torch.set_num_threads(1)
+    split = make_split(cache, folds, 0)
+    pre = run_pretrain(NET, TRAIN, split, root / "pretrain", CPU)
+    base = run_base("CE-SD", NET, TRAIN, split, root / "base", CPU, init_weights=pre.weights)
+    return root, split, pre, base
+
+
+def test_paper_protocol_validates_on_the_test_fold():
+    folds = {0: ["a", "b"], 1: ["c", "d"], 2: ["e", "f"]}
+    split = make_split("/c", folds, 1, protocol="paper")
+    assert split.test_ids == split.val_ids == ("c", "d")
+    assert split.train_ids == ("a", "b", "e", "f") and split.protocol == "paper"
+    assert split.all_ids() == ("a", "b", "e", "f", "c", "d")
+
+
+def test_honest_protocol_carves_validation_from_the_training_folds():
+    folds = {k: [f"s{k}{i}" for i in range(4)] for k in range(5)}
+    split = make_split("/c", folds, 2, protocol="honest", seed=3)
+    pool = {s for k in (0, 1, 3, 4) for s in folds[k]}
+    assert set(split.test_ids) == set(folds[2])
+    assert len(split.val_ids) == round(0.2 * 16)
+    assert set(split.val_ids) | set(split.train_ids) == pool
+    assert not set(split.val_ids) & set(split.train_ids)
+    assert split == make_split("/c", folds, 2, seed=3)  # the same for every stage
+    assert split.val_ids != make_split("/c", folds, 2, seed=4).val_ids
+    assert make_split("/c", folds, 2).protocol == "honest"  # the default
+
+
+def test_bad_split_arguments_are_clear_errors():
+    folds = {0: ["a"], 1: ["b"]}
+    with pytest.raises(StageError, match="did you mean 'honest'"):
+        make_split("/c", folds, 0, protocol="honset")
+    with pytest.raises(StageError, match="fold 7 .*valid folds: \\[0, 1\\]"):
+        make_split("/c", folds, 7)
+    with pytest.raises(StageError, match=">= 2 training subjects"):
+        make_split("/c", folds, 0)
+    with pytest.raises(StageError, match="more than one fold"):
+        make_split("/c", {0: ["a", "b"], 1: ["b", "c"]}, 0)
+
+
+def test_base_stage_trains_evaluates_and_exports_every_subject(pipeline):
+    root, split, pre, base = pipeline
+    for stage in (pre, base):
+        assert stage.weights.is_file() and stage.epochs == 2 and len(stage.history) == 2
+        assert list(stage.per_subject.columns) == PER_SUBJECT
+        assert list(stage.per_subject["subject_id"]) == list(split.test_ids)
+        assert (stage.per_subject["fold"] == 0).all()
+        assert list(stage.reliability_bins.columns) == BINS
+        assert len(stage.reliability_bins) == 20 * len(split.test_ids)
+        assert np.isfinite(stage.best_val_loss)
+    assert base.params == {"loss": "sd", "protocol": "honest", "init": "pretrain"}
+    logits = base.extra_artifacts["logits"]
+    index = read_index(logits)
+    assert index["subjects"] == list(split.all_ids()) and len(split.all_ids()) == 9
+    vol = load_logits(logits, split.test_ids[0])
+    assert vol.logits.dtype == np.float16 and vol.logits.shape == (24, 24, 18)
+    # bins add up to the mask size of each subject
+    counts = base.reliability_bins.groupby("subject_id")["count"].sum()
+    assert counts[split.test_ids[0]] == vol.mask.sum()
+
+
+def test_a_rerun_resumes_from_the_checkpoint(pipeline):
+    root, split, pre, base = pipeline
+    again = run_base("CE-SD", NET, TRAIN, split, root / "base", CPU, init_weights=pre.weights)
+    assert again.best_val_loss == base.best_val_loss and again.epochs == base.epochs
+    pd.testing.assert_frame_equal(again.per_subject, base.per_subject)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_calibrate_stage_runs_every_method(pipeline, method):
+    root, split, pre, base = pipeline
+    params = {"max_epochs": 2}
+    if method.startswith("mc_"):
+        params.update(lr=1e-4, n_samples=3)
+    result = run_calibrate(method, params, "CE-SD", NET, TRAIN, split, base.weights,
+                           base.extra_artifacts["logits"], root / f"cal-{method}", CPU)
+    assert list(result.per_subject.columns) == PER_SUBJECT
+    assert list(result.per_subject["subject_id"]) == list(split.test_ids)
+    assert result.per_subject[["dice", "ece", "brier", "nll"]].notna().all().all()
+    assert list(result.reliability_bins.columns) == BINS
+    assert result.params["method"] == method and result.params["protocol"] == "honest"
+    assert load_method(result.weights).name == method
+    assert result.epochs == 2
+
+
+def test_calibrate_schedule_comes_from_the_stage_config(pipeline):
+    root, split, pre, base = pipeline
+    result = run_calibrate("platt", None, "CE", NET, TRAIN, split, base.weights,
+                           base.extra_artifacts["logits"], root / "cal-sched", CPU)
+    assert result.params["max_epochs"] == TRAIN.max_epochs and result.params["lr"] == 5e-3
+    assert result.params["batch_size"] == 64
+
+
+def test_bad_stage_input_is_a_clear_error(pipeline, tmp_path):
+    root, split, pre, base = pipeline
+    with pytest.raises(StageError, match="init_weights is required"):
+        run_base("CE", NET, TRAIN, split, tmp_path, CPU, init_weights=None)
+    with pytest.raises(StageError, match="from scratch"):
+        run_base("SD", NET, TRAIN, split, tmp_path, CPU, init_weights=pre.weights)
+    with pytest.raises(StageError, match="did you mean 'CE-SD'"):
+        run_base("CE_SD", NET, TRAIN, split, tmp_path, CPU, init_weights=pre.weights)
+    with pytest.raises(StageError, match="base_logits is required"):
+        run_calibrate("platt", {}, "CE", NET, TRAIN, split, base.weights, None, tmp_path, CPU)
+
+
+@pytest.mark.parametrize("weights, init, loss", [("CE", True, "ce"), ("SD", False, "sd")])
+def test_base_recipes(pipeline, tmp_path, weights, init, loss):
+    root, split, pre, base = pipeline
+    one_epoch = TrainConfig(lr=3e-3, max_epochs=1, batch_size=2)
+    result = run_base(weights, NET, one_epoch, split, tmp_path, CPU,
+                      init_weights=pre.weights if init else None)
+    assert result.params == {"loss": loss, "protocol": "honest",
+                             "init": "pretrain" if init else "scratch"}
+    assert (tmp_path / "logits" / "index.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_evaluate_subject_rows_and_bins():
+    from calib import metrics
+    from calib.evaluate import evaluate_subject
+
+    rng = np.random.default_rng(0)
+    prob = rng.random((8, 8, 6)).astype(np.float32)
+    label = (rng.random((8, 8, 6)) < prob).astype(np.uint8)
+    mask = np.zeros((8, 8, 6), bool)
+    mask[1:7, 1:7, 1:5] = True
+    true_prob = np.clip(prob + 0.1, 0, 1)
+    row, bins = evaluate_subject(prob, label, mask, true_prob)
+    assert list(row) == PER_SUBJECT[2:]
+    assert row["ece"] == metrics.ece(prob, label, mask) and row["dice"] == metrics.dice(prob, label, mask)
+    np.testing.assert_allclose(row["true_ce"], np.abs(prob - true_prob)[mask].mean(), rtol=1e-6)
+    assert list(bins.columns) == ["bin", "count", "conf_sum", "pos_sum"] and len(bins) == 20
+    assert bins["count"].sum() == mask.sum() and bins["pos_sum"].sum() == label[mask].sum()
+    assert metrics.ece_from_bins(bins["count"].to_numpy(), bins["conf_sum"].to_numpy(),
+                                 bins["pos_sum"].to_numpy()) == pytest.approx(row["ece"], abs=1e-9)
+    assert "true_ce" not in evaluate_subject(prob, label, mask)[0]
+    with pytest.raises(ValueError, match="one shape"):
+        evaluate_subject(prob[:4], label, mask)
