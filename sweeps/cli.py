@@ -1,0 +1,100 @@
+"""The command line of ``python sweeps/launch.py``: arguments -> LaunchOptions -> launch()."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sweeps.config import DATA_ROOT_ENV, SEARCHES, builtin_grids
+from sweeps.launcher import EXIT_USAGE, LaunchOptions, launch
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's rule: a bad argument is one line and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python sweeps/launch.py",
+        description="Run the calibration study's grid on Ray Tune, one MLflow run per trial.",
+        epilog=("Examples:\n"
+                "  python sweeps/launch.py --grid demo\n"
+                "  python sweeps/launch.py --grid paper --data-root /data --dry-run\n"
+                "  python sweeps/launch.py --grid paper --data-root /data --address ray://head:10001 \\\n"
+                "      --tracking-uri http://mlflow:5000 --resume"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", required=True,
+                   help=f"a built-in grid ({', '.join(builtin_grids())}) or a path to a grid .yaml")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print trials per stage and method, resources and what MLflow already "
+                        "holds; start nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="run only the trials not FINISHED in the experiment (matched by trial "
+                        "key); close runs of a dead launch as KILLED")
+    p.add_argument("--address", help="Ray cluster to connect to (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
+                                          "else sqlite:///./mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment (default calib-<grid name>)")
+    p.add_argument("--data-root", action="append", default=[], metavar="[DATASET=]DIR",
+                   help=f"folder holding <dataset>/ folders, or one dataset's folder as "
+                        f"DATASET=DIR; repeatable (default: the grid's, then ${DATA_ROOT_ENV})")
+    p.add_argument("--search", choices=SEARCHES,
+                   help="optuna: pick the MC learning rates by TPE over log-uniform "
+                        "[1e-5, 1e-3] with the grid's budget")
+    p.add_argument("--max-concurrent", type=_positive_int, help="at most N trials at once")
+    p.add_argument("--work-dir", help="cache, Ray results and report folder (default: the grid's, calib_store)")
+    p.add_argument("--storage-path", help="Ray Tune checkpoint storage; shared by all nodes "
+                                          "(default <work-dir>/ray_results)")
+    p.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+    return p
+
+
+def parse_data_roots(values: list[str]) -> dict[str, str]:
+    """``["/data"]`` -> ``{"*": "/data"}``; ``["brats18=/d/b"]`` -> ``{"brats18": "/d/b"}``."""
+    roots: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if sep and name and "/" not in name:
+            roots[name] = path
+        else:
+            roots["*"] = v
+    return roots
+
+
+def options_from_args(args: argparse.Namespace) -> LaunchOptions:
+    return LaunchOptions(grid=args.grid, dry_run=args.dry_run, resume=args.resume,
+                         address=args.address, tracking_uri=args.tracking_uri,
+                         experiment=args.experiment, data_roots=parse_data_roots(args.data_root),
+                         search=args.search, max_concurrent=args.max_concurrent,
+                         work_dir=args.work_dir, storage_path=args.storage_path,
+                         num_cpus=args.num_cpus, report=not args.no_report, verbose=args.verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and launch; the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return launch(options_from_args(args))
+    except KeyboardInterrupt:
+        print("interrupted: this launch's runs were closed as KILLED; continue with --resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Getting a dataset ready for its trials: phantoms on first use, the preprocessed cache, folds.
+
+:func:`prepare_dataset` runs once per dataset and launch, as a Ray task (so on a cluster it runs
+where the data volume is mounted, not on the laptop that launched the sweep). It is idempotent:
+phantoms are written only when their folder is missing, and calib.data keys its cache by the
+preprocessing config and the source files, so a relaunch finds the cache and returns at once.
+The cache folder must be visible at the same path on every node (a shared volume) -- the trials
+read it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sweeps.config import DatasetSpec, GridConfig
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A dataset ready for trials: its cache folder and its folds (fold -> subject ids)."""
+
+    dataset: str
+    cache_dir: str
+    folds: dict[int, list[str]]
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "cache_dir": self.cache_dir,
+                "folds": {int(k): list(v) for k, v in self.folds.items()}}
+
+
+def _phantom_marker(root: Path) -> Path:
+    return root.parent / f".{root.name}.phantom.json"
+
+
+def ensure_phantoms(spec: DatasetSpec) -> None:
+    """Write the dataset's phantoms into its root unless they are already there.
+
+    A sidecar file records the phantom spec, so that a root written with other settings is
+    reported instead of silently reused.
+    """
+    from calib.data import DataError, write_phantoms
+
+    assert spec.phantom is not None and spec.root is not None
+    ph = spec.phantom
+    want = {"dataset": spec.name, "subjects": ph.subjects, "seed": ph.seed,
+            "shape": None if ph.shape is None else list(ph.shape)}
+    marker = _phantom_marker(spec.root)
+    if spec.root.is_dir() and any(spec.root.iterdir()):
+        if marker.exists():
+            have = json.loads(marker.read_text())
+            if have != want:
+                raise DataError(f"phantoms in {spec.root} were written with {have}, the grid asks for "
+                                f"{want}: delete {spec.root} (and {marker}) to regenerate them")
+        return  # written before (or real data the user put there)
+    write_phantoms(spec.name, spec.root, ph.subjects, ph.seed, ph.shape)
+    tmp = marker.with_name(marker.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(want, sort_keys=True))
+    os.replace(tmp, marker)
+
+
+def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) -> PreparedData:
+    """Phantoms (if the grid asks for them), the preprocessed cache, and the folds.
+
+    Raises calib.data.DataError (a message naming the file or subject) when the data are unusable.
+    """
+    from calib.data import make_folds, preprocess_dataset, read_folds, read_meta
+
+    spec = grid.dataset(dataset)
+    if spec.root is None:
+        raise ValueError(f"dataset {dataset!r} has no data root")
+    if spec.phantom is not None:
+        ensure_phantoms(spec)
+    cache = preprocess_dataset(dataset, spec.root, grid.cache_dir, spacing=grid.preprocessing.spacing,
+                               shape=grid.preprocessing.shape, workers=workers, progress=False)
+    subjects = list(read_meta(cache)["subjects"])
+    if grid.folds.file is not None:
+        folds = read_folds(grid.folds.file, subjects)
+    else:
+        folds = make_folds(subjects, grid.folds.n_folds, grid.folds.seed)
+    missing = [f for f in range(grid.folds.n_folds) if f not in folds]
+    if missing:
+        raise ValueError(f"folds of {dataset}: the grid expects folds 0..{grid.folds.n_folds - 1}, "
+                         f"missing {missing}")
+    return PreparedData(dataset=dataset, cache_dir=str(cache),
+                        folds={int(k): list(v) for k, v in folds.items()})

@@ -1,0 +1,266 @@
+"""One launch of a grid: validate, plan, track, run on Ray, summarise, report.
+
+:func:`launch` is what ``python sweeps/launch.py`` calls. Exit status: 0 every planned trial is
+FINISHED (in this launch or an earlier one); 1 some trial failed or was skipped; 2 bad arguments,
+grid, data root or tracking store -- reported in one line before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from sweeps.config import GridConfig, GridError, Overrides, frozen_map, load_grid
+from sweeps.plan import Plan, expand
+
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Everything the command line can say (sweeps.cli builds it)."""
+
+    grid: str
+    dry_run: bool = False
+    resume: bool = False
+    address: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    data_roots: Mapping[str, str] = field(default_factory=frozen_map)
+    search: str | None = None
+    max_concurrent: int | None = None
+    work_dir: str | None = None
+    storage_path: str | None = None
+    num_cpus: int | None = None
+    report: bool = True
+    verbose: bool = False
+    stage_runner: Callable | None = None  # tests: replaces sweeps.stage_runner.run_stage
+
+
+def _err(msg: str, err: TextIO) -> int:
+    print(f"error: {msg}", file=err, flush=True)
+    return EXIT_USAGE
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """HEAD of the sweep's source tree, or None outside git / before the first commit."""
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a pod eviction, ``kill``) unwinds like Ctrl-C, so runs are closed, not left RUNNING."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def launch(opts: LaunchOptions, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run (or, with ``dry_run``, describe) one launch of ``opts.grid``; the exit status."""
+    out, err = out or sys.stdout, err or sys.stderr
+    started = time.monotonic()
+    # Progress bars of artifact downloads would drown the one-line-per-trial log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from tracking.store import TrackingError, check_reachable, resolve_tracking_uri
+
+    overrides = Overrides(data_roots=frozen_map(opts.data_roots), search=opts.search,
+                          work_dir=opts.work_dir, max_concurrent=opts.max_concurrent)
+    try:
+        grid = load_grid(opts.grid, overrides, require_data=not opts.dry_run)
+        plan = expand(grid)
+    except (GridError, ValueError) as exc:
+        return _err(str(exc), err)
+    experiment = opts.experiment or f"calib-{grid.name}"
+    uri = resolve_tracking_uri(opts.tracking_uri)
+    if opts.dry_run:
+        return dry_run(plan, uri, experiment, out, err)
+    try:
+        check_reachable(uri)
+    except TrackingError as exc:
+        return _err(str(exc), err)
+    _exit_on_sigterm()
+    return _run(grid, plan, opts, uri, experiment, started, out, err)
+
+
+def dry_run(plan: Plan, uri: str, experiment: str, out: TextIO, err: TextIO) -> int:
+    """Print the plan and what MLflow already holds; start nothing (no Ray, no new store)."""
+    from sweeps.summary import plan_table
+    from tracking.store import TrackingError, check_reachable, local_store_path
+
+    grid = plan.grid
+    print(f"grid {grid.name} ({grid.source}); protocol {grid.protocol}; search {grid.search.kind}; "
+          f"network {grid.network.preset}; {grid.folds.n_folds} folds", file=out)
+    finished: set[str] | None = set()
+    note = ""
+    local = local_store_path(uri)
+    if local is not None and not local.exists():
+        note = " (store does not exist yet)"
+    else:
+        try:
+            check_reachable(uri)
+            finished = _finished_keys(uri, experiment, plan)
+        except TrackingError as exc:
+            print(plan_table(plan, None), file=out)
+            return _err(str(exc), err)
+    print(plan_table(plan, finished), file=out)
+    for d in grid.datasets:
+        state = "not set" if d.root is None else (
+            "exists" if d.root.is_dir() else ("phantoms written on first use" if d.phantom else "MISSING"))
+        print(f"data {d.name}: {d.root or '-'} ({state})", file=out)
+    print(f"MLflow: {uri}, experiment {experiment}{note}", file=out)
+    print("dry run: nothing started", file=out, flush=True)
+    return EXIT_OK
+
+
+def _finished_keys(uri: str, experiment: str, plan: Plan) -> set[str]:
+    from tracking.runs import finished_trial_runs
+    from tracking.store import client
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return set()
+    return set(finished_trial_runs(c, exp.experiment_id, plan.by_key))
+
+
+def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment: str,
+         started: float, out: TextIO, err: TextIO) -> int:
+    import ray
+
+    from sweeps.execute import ExecutionSettings, Executor, connect_ray, resource_problems
+    from sweeps.summary import outcome_table
+    from sweeps.trainable import TrialContext
+    from tracking import runs as tr
+    from tracking.store import client as make_client, get_or_create_experiment, ui_command
+
+    client = make_client(uri)
+    exp_id = get_or_create_experiment(client, experiment, uri)
+    if opts.resume:
+        closed = tr.close_stale_runs(client, exp_id)
+        if closed:
+            print(f"resume: closed {len(closed)} stale RUNNING run(s) of a dead launch as KILLED", file=out)
+    finished = tr.finished_trial_runs(client, exp_id, plan.by_key)
+    done_before = finished if opts.resume else {}
+    if finished and not opts.resume:
+        print(f"note: {len(finished)} of these trials already FINISHED in experiment {experiment}; "
+              "they run again (--resume skips them)", file=out)
+    todo = [t for t in plan.trials if t.key not in done_before]
+
+    # Nothing to run (a --resume of a complete sweep): no Ray at all.
+    started_ray = connect_ray(opts.address, opts.num_cpus, opts.verbose) if todo else False
+    parent, parent_done = None, False
+    try:
+        problems = resource_problems(todo, ray.cluster_resources()) if todo else []
+        if problems:
+            msg = "; ".join(problems)
+            if started_ray:  # a local Ray will never grow
+                return _err(f"{msg} (lower resources in the grid, or connect to a cluster with --address)", err)
+            print(f"warning: {msg} (waiting for the cluster to scale up)", file=err)
+
+        grid_yaml = grid.to_yaml()
+        parent = tr.start_sweep_run(client, exp_id, grid_name=grid.name, grid_yaml=grid_yaml,
+                                    git_commit=git_commit(), resumed=opts.resume)
+        print(f"launch: grid {grid.name}, {len(plan.trials)} trials, {len(todo)} to run; "
+              f"experiment {experiment}; sweep run {parent}", file=out, flush=True)
+
+        data, data_errors = _prepare(grid, todo, err)
+        ctx = TrialContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, data=data)
+        settings = ExecutionSettings(storage_path=_storage_path(opts, grid),
+                                     launch_name=f"{grid.name}-{parent[:8]}",
+                                     max_failures=grid.execution.max_failures,
+                                     max_concurrent=grid.execution.max_concurrent,
+                                     stage_runner=opts.stage_runner)
+        outcomes = Executor(plan, client, ctx, settings, done_before, data_errors, out).run()
+        wall = time.monotonic() - started
+        ok = _end_sweep(client, parent, outcomes, wall)
+        parent_done = True
+    except BaseException as exc:
+        if parent is not None and not parent_done:
+            # Interrupted (Ctrl-C, SIGTERM): KILLED, as --resume would call them; a crash: FAILED.
+            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            reason = f"launch aborted: {type(exc).__name__}: {exc}"
+            try:
+                tr.close_running_trials(client, exp_id, parent, status, reason)
+                tr.end_run(client, parent, status, reason)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    print("\n" + outcome_table(outcomes, wall), file=out)
+    if opts.report:
+        _report(experiment, uri, parent, grid.work_dir / "report", out, err)
+    print(f"\nbrowse the runs: {ui_command(uri)}", file=out, flush=True)
+    return EXIT_OK if ok else EXIT_TRIALS_FAILED
+
+
+def _prepare(grid: GridConfig, todo, err: TextIO) -> tuple[dict, dict]:
+    """Prepare (phantoms, cache, folds) every dataset with trials to run, as Ray tasks:
+    (dataset -> PreparedData dict, dataset -> one-line error)."""
+    import ray
+
+    from sweeps.execute import prepare_data
+
+    datasets = sorted({t.dataset for t in todo})
+    if not datasets:
+        return {}, {}
+    cpus = max(1, min(4, int(ray.cluster_resources().get("CPU", 1))))  # preprocessing workers
+    prepared = prepare_data(grid, datasets, cpus=cpus)
+    data = {d: v for d, v in prepared.items() if not isinstance(v, Exception)}
+    errors = {d: " ".join(str(v).split())[:500] for d, v in prepared.items() if isinstance(v, Exception)}
+    for d, msg in errors.items():
+        print(f"error: data of {d}: {msg}", file=err, flush=True)
+    return data, errors
+
+
+def _storage_path(opts: LaunchOptions, grid: GridConfig) -> str:
+    """Ray Tune's storage: --storage-path or <work_dir>/ray_results; URIs (s3://) as given."""
+    storage = opts.storage_path or str(grid.work_dir / "ray_results")
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def _end_sweep(client, parent: str, outcomes: Mapping, wall: float) -> bool:
+    """End the sweep run FINISHED when every trial is, else FAILED, with the launch's totals."""
+    from sweeps.execute import DONE_BEFORE, FAILED, FINISHED, SKIPPED
+    from tracking import runs as tr
+
+    n = {s: sum(o.status == s for o in outcomes.values()) for s in (FINISHED, FAILED, SKIPPED, DONE_BEFORE)}
+    ok = n[FINISHED] + n[DONE_BEFORE] == len(outcomes)
+    tr.end_sweep_run(client, parent, "FINISHED" if ok else "FAILED",
+                     {"trials_planned": len(outcomes), "trials_finished": n[FINISHED],
+                      "trials_failed": n[FAILED], "trials_skipped": n[SKIPPED],
+                      "trials_done_before": n[DONE_BEFORE], "wall_seconds": wall,
+                      "compute_seconds": sum(o.compute_seconds for o in outcomes.values()
+                                             if o.status != DONE_BEFORE)})
+    return ok
+
+
+def _report(experiment: str, uri: str, parent: str, out_dir: Path, out: TextIO, err: TextIO) -> None:
+    """The analysis report (tracking.report) of the whole experiment; its failure is reported,
+    not fatal -- the trials' exit status stands."""
+    try:
+        from tracking.report import build_report
+    except ImportError:
+        print("report: tracking.report is not available; skipped", file=out)
+        return
+    try:
+        outcome = build_report(experiment, out_dir, tracking_uri=uri, sweep_run=parent, scope="experiment")
+    except Exception as exc:  # noqa: BLE001 - a report problem must not hide the sweep's result
+        print(f"report: failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=err)
+        return
+    print(f"report: {out_dir} ({len(outcome.files)} files)", file=out)
+    for w in outcome.warnings[:5]:
+        print(f"report warning: {w}", file=out)

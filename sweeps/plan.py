@@ -1,0 +1,241 @@
+"""Expansion of a grid into staged trials, each named by a stable trial key.
+
+Stages and their dependencies (DESIGN.md):
+
+* ``pretrain``  dataset x fold: CE training (only when CE or CE-SD weights are in the grid);
+* ``base``      dataset x fold x weights: CE and CE-SD continue from the pretraining, SD trains
+                from scratch; each base model exports its logits for the calibrate stage;
+* ``calibrate`` dataset x fold x weights x method x LR: the LR axis is conditional -- a list
+                (MC methods), one value per base weights (fine-tuning) or none (Platt, auxiliary).
+
+A trial's key is the SHA-256 of everything that changes its result -- stage, dataset, weights,
+method and its parameters, fold, LR, resolved network and training configs, preprocessing,
+folds, protocol, seed -- and of its upstream trial's key, so changing anything upstream re-keys
+everything downstream. It leaves out what only changes how a trial runs (resources, retries,
+tracking store, experiment name), so a relaunch of the same grid finds its finished trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sweeps.config import GridConfig, Resources, method_params, resolved_method_params
+
+KEY_VERSION = 1
+KEY_LENGTH = 20  # hex digits (80 bits): no collision in any realistic experiment, still readable
+
+
+def trial_key(payload: dict) -> str:
+    """Stable hash of a JSON-able payload (sorted keys, ``repr``-exact floats)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial: what to run, its key, its upstream trial and its resources.
+
+    ``config`` is the payload the key hashes (logged as the trial's resolved config). For a trial
+    whose LR an Optuna search picks, ``lr`` is None until the searcher fills it (``with_lr``) and
+    ``search_group`` names the trials that share one search (dataset, weights, fold, method).
+    """
+
+    key: str
+    stage: str
+    dataset: str
+    weights: str
+    method: str
+    fold: int
+    lr: float | None
+    params: dict
+    upstream: str | None
+    wave: int
+    resources: Resources
+    config: dict
+    search: str = "grid"
+    sample: int | None = None
+    search_group: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``calibrate brats18/CE/mc_decoder lr=0.001 fold 2``."""
+        what = "/".join(x for x in (self.dataset, self.weights if self.stage != "pretrain" else "",
+                                   self.method if self.stage == "calibrate" else "") if x)
+        lr = f" lr={self.lr:g}" if self.lr is not None else (
+            f" lr=optuna#{self.sample}" if self.search == "optuna" else "")
+        return f"{self.stage} {what}{lr} fold {self.fold}"
+
+    @property
+    def lr_tag(self) -> str:
+        """``calib.lr``: the LR as text, empty when the method has none."""
+        return "" if self.lr is None else f"{self.lr:g}"
+
+    def with_lr(self, lr: float) -> "TrialSpec":
+        """This trial with the LR a searcher chose (the key, fixed at planning, is unchanged)."""
+        lr = float(lr)
+        return dataclasses.replace(self, lr=lr, params=dict(self.params, lr=lr),
+                                   config=dict(self.config, lr=lr))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["resources"] = {"cpu": self.resources.cpu, "gpu": self.resources.gpu}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialSpec":
+        d = dict(d)
+        d["resources"] = Resources(**d["resources"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """All trials of a grid, in dependency order."""
+
+    grid: GridConfig
+    trials: tuple[TrialSpec, ...]
+    by_key: dict[str, TrialSpec] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_key.update({t.key: t for t in self.trials})
+        if len(self.by_key) != len(self.trials):
+            dup = [k for k, n in Counter(t.key for t in self.trials).items() if n > 1]
+            raise ValueError(f"two trials share key {dup[0]}: the grid repeats a point")
+
+    def waves(self) -> list[list[TrialSpec]]:
+        """Trials grouped by dependency depth; every trial's upstream is in an earlier wave."""
+        out: dict[int, list[TrialSpec]] = {}
+        for t in self.trials:
+            out.setdefault(t.wave, []).append(t)
+        return [out[w] for w in sorted(out)]
+
+    def counts(self) -> Counter:
+        """Trials per (stage, method)."""
+        return Counter((t.stage, t.method) for t in self.trials)
+
+    def downstream_of(self, keys: Iterable[str]) -> set[str]:
+        """Keys of every trial that depends, directly or not, on one of ``keys``."""
+        bad = set(keys)
+        out: set[str] = set()
+        for t in self.trials:  # dependency order: an upstream comes before its dependants
+            if t.upstream in bad or t.upstream in out:
+                out.add(t.key)
+        return out
+
+
+# ---- resolution of the science configs (calib owns the classes) ---------------------------------
+
+def net_config(grid: GridConfig, dataset: str):
+    """The calib.nets.UNetConfig of ``dataset`` under the grid's network preset."""
+    from calib.nets import UNetConfig
+
+    paper = UNetConfig.paper(dataset)
+    if grid.network.preset == "paper":
+        cfg = paper
+    else:
+        cfg = UNetConfig.tiny(paper.in_channels, dataset=dataset, levels=grid.network.levels,
+                              base=grid.network.base)
+    return cfg
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "items"):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def _file_digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _data_payload(grid: GridConfig, dataset: str) -> dict:
+    ds = grid.dataset(dataset)
+    return {
+        "dataset": dataset,
+        "phantom": _jsonable(ds.phantom) if ds.phantom else None,
+        "preprocessing": _jsonable(grid.preprocessing),
+        "folds": {"n_folds": grid.folds.n_folds, "seed": grid.folds.seed,
+                  "file_sha256": _file_digest(grid.folds.file) if grid.folds.file else None},
+        "protocol": grid.protocol,
+        "val_fraction": grid.val_fraction,
+    }
+
+
+# ---- expansion -----------------------------------------------------------------------------------
+
+def expand(grid: GridConfig) -> Plan:
+    """The grid's trials in dependency order (module doc); counts are exact, nothing is sampled."""
+    trials: list[TrialSpec] = []
+    search = grid.search
+    resolved_cache: dict[tuple, dict] = {}
+
+    def resolved(m, weights, lr, dataset):
+        k = (m.name, weights, lr, dataset)
+        if k not in resolved_cache:
+            resolved_cache[k] = resolved_method_params(m, weights, lr, dataset,
+                                                       grid.training["calibrate"], grid.seed)
+        return resolved_cache[k]
+
+    for dataset in grid.datasets:
+        ds = dataset.name
+        net = _jsonable(net_config(grid, ds))
+        data = _data_payload(grid, ds)
+
+        def make(stage, weights, method, fold, lr, params, upstream, wave, train, resolved_params,
+                 sample=None):
+            payload = {"version": KEY_VERSION, "stage": stage, "dataset": ds, "weights": weights,
+                       "method": method, "fold": fold, "lr": lr,
+                       "params": _jsonable(resolved_params), "train": _jsonable(train),
+                       "net": net, "data": data, "seed": grid.seed, "upstream": upstream}
+            group = None
+            if sample is not None:
+                payload["search"] = {"kind": "optuna", "sample": sample, "lr_low": search.lr_low,
+                                     "lr_high": search.lr_high, "seed": search.seed}
+                group = f"{ds}/{weights}/{method}/fold{fold}"
+            t = TrialSpec(key=trial_key(payload), stage=stage, dataset=ds, weights=weights,
+                          method=method, fold=fold, lr=lr, params=dict(params), upstream=upstream,
+                          wave=wave, resources=grid.execution.resources_for(stage, method),
+                          config=payload, search="optuna" if sample is not None else "grid",
+                          sample=sample, search_group=group)
+            trials.append(t)
+            return t
+
+        # Pretrain / base LRs live in their training config: only calibration has an LR axis.
+        train = {s: dict(grid.training[s], seed=grid.seed) for s in grid.training}
+        for fold in range(grid.folds.n_folds):
+            pre = None
+            if any(w in ("CE", "CE-SD") for w in grid.weights):
+                pre = make("pretrain", "CE", "pretrain", fold, None, {}, None, 0,
+                           train["pretrain"], {})
+            for weights in grid.weights:
+                up = None if weights == "SD" else pre
+                base = make("base", weights, "base", fold, None, {}, None if up is None else up.key,
+                            0 if up is None else 1, train["base"], {})
+                for m in grid.methods:
+                    if search.kind == "optuna" and m.name in search.methods:
+                        for i in range(search.samples or len(m.lrs)):
+                            make("calibrate", weights, m.name, fold, None, method_params(m, None),
+                                 base.key, base.wave + 1, train["calibrate"],
+                                 resolved(m, weights, None, ds), sample=i)
+                        continue
+                    for lr in m.learning_rates(weights):
+                        # Only an LR axis is the trial's ``lr`` (tagged calib.lr); a fixed LR by
+                        # weights is one of the method's parameters.
+                        make("calibrate", weights, m.name, fold, lr if m.lrs else None,
+                             method_params(m, lr), base.key, base.wave + 1, train["calibrate"],
+                             resolved(m, weights, lr, ds))
+    # Dependency order: by wave, stable within a wave.
+    trials.sort(key=lambda t: t.wave)
+    return Plan(grid=grid, trials=tuple(trials))

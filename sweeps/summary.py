@@ -1,0 +1,105 @@
+"""The end-of-launch summary and the dry-run table: plain text, one row per stage (or method)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from sweeps.config import STAGES
+from sweeps.plan import Plan
+
+if TYPE_CHECKING:
+    from sweeps.execute import Outcome
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *[line(r) for r in rows]])
+
+
+def duration(seconds: float) -> str:
+    """``42.0 s``, ``3 min 05 s``, ``2 h 04 min``."""
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def _lr_order(text: str):
+    """Learning rates high to low; labelled ones (``CE 0.0001``) by label."""
+    try:
+        return (0, -float(text))
+    except ValueError:
+        return (1, text)
+
+
+def plan_table(plan: Plan, finished_keys: set[str] | None) -> str:
+    """Dry run: trials per stage and method, resources per trial, how many MLflow already holds
+    FINISHED (``None``: the store could not be read)."""
+    counts: dict[tuple[str, str], list] = {}
+    for t in plan.trials:
+        row = counts.setdefault((t.stage, t.method), [0, set(), 0, set()])
+        row[0] += 1
+        row[1].add(str(t.resources))
+        row[2] += int(finished_keys is not None and t.key in finished_keys)
+        if t.lr is not None:
+            row[3].add(f"{t.lr:g}")
+        elif t.search == "optuna":
+            row[3].add("optuna")
+        elif "lr" in t.params:  # fixed per base weights (fine-tuning)
+            row[3].add(f"{t.weights} {t.params['lr']:g}")
+    rows = []
+    order = {s: i for i, s in enumerate(STAGES)}
+    for (stage, method), (n, res, done, lrs) in sorted(counts.items(), key=lambda kv: order[kv[0][0]]):
+        rows.append([stage, method, n, "; ".join(sorted(res)), ", ".join(sorted(lrs, key=_lr_order)) or "-",
+                     "?" if finished_keys is None else done])
+    total_done = "?" if finished_keys is None else sum(r[5] for r in rows)
+    rows.append(["total", "", len(plan.trials), "", "", total_done])
+    per_stage = defaultdict(int)
+    for t in plan.trials:
+        per_stage[t.stage] += 1
+    head = " + ".join(f"{per_stage[s]} {s}" for s in STAGES if per_stage[s])
+    return (f"{head} = {len(plan.trials)} trials\n"
+            + _table(["stage", "method", "trials", "resources/trial", "lr", "finished in MLflow"], rows))
+
+
+def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float) -> str:
+    """Finished / failed / skipped / done-before per stage, compute time per stage, wall time,
+    then one line per failed trial with its error."""
+    from sweeps.execute import DONE_BEFORE, FAILED, FINISHED, SKIPPED
+
+    stats: dict[str, dict] = {s: defaultdict(float) for s in STAGES}
+    for o in outcomes.values():
+        st = stats[o.spec.stage]
+        st["planned"] += 1
+        st[o.status] += 1
+        if o.status in (FINISHED, FAILED):
+            st["compute"] += o.compute_seconds
+    rows, tot = [], defaultdict(float)
+    for s in STAGES:
+        st = stats[s]
+        if not st["planned"]:
+            continue
+        for k in ("planned", FINISHED, FAILED, SKIPPED, DONE_BEFORE, "compute"):
+            tot[k] += st[k]
+        rows.append([s, int(st["planned"]), int(st[FINISHED]), int(st[FAILED]), int(st[SKIPPED]),
+                     int(st[DONE_BEFORE]), duration(st["compute"])])
+    rows.append(["total", int(tot["planned"]), int(tot[FINISHED]), int(tot[FAILED]), int(tot[SKIPPED]),
+                 int(tot[DONE_BEFORE]), duration(tot["compute"])])
+    text = _table(["stage", "planned", "finished", "failed", "skipped", "done before", "compute"], rows)
+    text += f"\nwall time {duration(wall_seconds)}, compute time {duration(tot['compute'])} (this launch)"
+    failed = [o for o in outcomes.values() if o.status == FAILED]
+    if failed:
+        text += "\nfailed trials:"
+        for o in failed[:20]:
+            text += f"\n  {o.spec.label}: {o.error[:300]}"
+        if len(failed) > 20:
+            text += f"\n  ... and {len(failed) - 20} more (MLflow tag calib.error)"
+    return text

@@ -1,0 +1,152 @@
+"""Grid files -> frozen GridConfig: defaults, data roots, and one clear error line per mistake
+(exit status 2 from the command line, before Ray starts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.cli import main, parse_data_roots
+from sweeps.config import GridError, Overrides, load_grid
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _paper(**changes) -> dict:
+    raw = yaml.safe_load((REPO / "sweeps/grids/paper.yaml").read_text())
+    raw.update(changes)
+    return raw
+
+
+def _write(tmp_path: Path, raw: dict) -> str:
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_paper_grid_reads_the_papers_axes():
+    grid = load_grid("paper", require_data=False, env={})
+    assert [d.name for d in grid.datasets] == ["brats18", "isles18"]
+    assert grid.weights == ("CE", "CE-SD", "SD") and grid.folds.n_folds == 5
+    methods = {m.name: m for m in grid.methods}
+    assert list(methods) == ["platt", "auxiliary", "finetune", "mc_decoder", "mc_center"]
+    assert methods["mc_center"].lrs == (1e-3, 1e-4, 1e-5)
+    assert dict(methods["finetune"].lr_by_weights) == {"CE": 1e-4, "CE-SD": 1e-3, "SD": 1e-3}
+    assert methods["auxiliary"].params["k"] == 5
+    assert grid.preprocessing.shape == (136, 136, 82) and grid.preprocessing.spacing == 2.0
+    assert grid.execution.resources_for("calibrate", "platt").gpu == 0.25
+    assert grid.execution.resources_for("calibrate", "mc_decoder").gpu == 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        grid.seed = 1
+    with pytest.raises(TypeError):
+        grid.training["base"]["lr"] = 1.0  # read-only mapping
+
+
+def test_resolved_grid_round_trips(tmp_path):
+    grid = load_grid("demo", Overrides(work_dir=str(tmp_path)))
+    again = load_grid(_write(tmp_path, yaml.safe_load(grid.to_yaml())))
+    assert again.to_dict() == grid.to_dict()
+
+
+def test_data_root_precedence(tmp_path):
+    (tmp_path / "env" / "brats18").mkdir(parents=True)
+    (tmp_path / "cli" / "brats18").mkdir(parents=True)
+    (tmp_path / "one").mkdir()
+    raw = _paper(datasets=["brats18"])
+    path = _write(tmp_path, raw)
+    env = {"CALIB_DATA_ROOT": str(tmp_path / "env")}
+    assert load_grid(path, env=env).dataset("brats18").root == tmp_path / "env" / "brats18"
+    ov = Overrides(data_roots={"*": str(tmp_path / "cli")})
+    assert load_grid(path, ov, env=env).dataset("brats18").root == tmp_path / "cli" / "brats18"
+    ov = Overrides(data_roots={"*": str(tmp_path / "cli"), "brats18": str(tmp_path / "one")})
+    assert load_grid(path, ov, env=env).dataset("brats18").root == tmp_path / "one"
+    assert parse_data_roots(["/d", "isles18=/i"]) == {"*": "/d", "isles18": "/i"}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"datasets": ["brats18", "brats19"]}, ["datasets", "'brats19'", "did you mean 'brats18'", "isles18"]),
+    ({"weights": ["CE", "CE-DS"]}, ["weights", "'CE-DS'", "did you mean", "CE-SD"]),
+    ({"methods": {"platt": {}, "mc_decodr": {}}}, ["mc_decodr", "did you mean 'mc_decoder'", "valid choices"]),
+    ({"methods": {"mc_decoder": {"lr": [1e-3, 0]}}}, ["methods.mc_decoder.lr", "> 0", "0"]),
+    ({"methods": {"mc_decoder": {"lr": [-1e-3]}}}, ["methods.mc_decoder.lr", "> 0"]),
+    ({"methods": {"platt": {"lr": [1e-3]}}}, ["methods.platt.lr", "no learning-rate axis", "mc_decoder"]),
+    ({"methods": {"auxiliary": {"params": {"k": 4}}}}, ["auxiliary", "k=4", "(1, 5, 7, 9, 11)"]),
+    ({"protocl": "paper"}, ["protocl", "did you mean 'protocol'", "valid keys"]),
+    ({"protocol": "fair"}, ["protocol", "'fair'", "honest, paper"]),
+    ({"training": {**_paper()["training"], "base": {"lr": 1e-3, "max_epochs": 3, "epochs": 4}}},
+     ["training.base.epochs", "max_epochs"]),
+    ({"training": {**_paper()["training"], "calibrate": {"lr_factor": 2.0, "max_epochs": 3}}},
+     ["training.calibrate", "lr_factor"]),
+    ({"resources": {"calibrate": {"gpus": 1}}}, ["resources.calibrate.gpus", "did you mean 'gpu'"]),
+])
+def test_bad_grid_is_one_clear_line(tmp_path, change, expected):
+    with pytest.raises(GridError) as info:
+        load_grid(_write(tmp_path, _paper(**change)), require_data=False, env={})
+    message = str(info.value)
+    assert "\n" not in message and "g.yaml" in message
+    for part in expected:
+        assert part in message, message
+
+
+def test_missing_data_root_names_the_fixes(tmp_path):
+    with pytest.raises(GridError, match=r"--data-root.*CALIB_DATA_ROOT"):
+        load_grid("paper", env={})
+    with pytest.raises(GridError, match=r"does not exist: .*nowhere/brats18"):
+        load_grid("paper", Overrides(data_roots={"*": str(tmp_path / "nowhere")}), env={})
+
+
+def test_unknown_grid_name_lists_the_grids():
+    with pytest.raises(GridError, match=r"'papr'.*did you mean 'paper'.*demo, paper"):
+        load_grid("papr")
+
+
+def test_cli_bad_grid_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CALIB_DATA_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, _paper(weights=["CE", "XE"]))
+    assert main(["--grid", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "'XE'" in err
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started
+    with pytest.raises(SystemExit) as info:
+        main(["--grid", "paper", "--max-concurrent", "0"])
+    assert info.value.code == 2
+
+
+def test_paper_dry_run_counts_without_data_or_ray(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("CALIB_DATA_ROOT", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps/launch.py"), "--grid", "paper", "--dry-run"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "10 pretrain + 30 base + 270 calibrate = 310 trials" in out
+    rows = {line.split()[1]: line.split() for line in out.splitlines()
+            if line.split()[:1] in (["pretrain"], ["base"], ["calibrate"])}
+    assert {m: int(r[2]) for m, r in rows.items()} == {
+        "pretrain": 10, "base": 30, "platt": 30, "auxiliary": 30, "finetune": 30,
+        "mc_decoder": 90, "mc_center": 90}
+    assert "cpu 2, gpu 0.25" in rows["platt"][3] + " " + " ".join(rows["platt"][4:])
+    assert "dry run: nothing started" in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "calib_store").exists()
+
+
+def test_unreachable_tracking_server_exits_2_before_ray(tmp_path, capsys, monkeypatch):
+    import socket
+
+    import sweeps.execute
+
+    monkeypatch.setattr(sweeps.execute, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    assert main(["--grid", "demo", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and uri in err and "unreachable" in err

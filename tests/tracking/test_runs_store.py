@@ -1,0 +1,45 @@
+"""tracking.store: tracking URI resolution, the reachability check, the UI command."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tracking.store import TrackingError, check_reachable, resolve_tracking_uri, ui_command
+
+
+def test_uri_precedence_and_absolute_paths(tmp_path):
+    assert resolve_tracking_uri(None, env={}, cwd=tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert resolve_tracking_uri(None, env=env, cwd=tmp_path) == "http://mlflow:5000"
+    assert resolve_tracking_uri("sqlite:///runs/x.db", env=env, cwd=tmp_path) == f"sqlite:///{tmp_path / 'runs/x.db'}"
+    assert resolve_tracking_uri("sqlite:////abs/x.db", env={}, cwd=tmp_path) == "sqlite:////abs/x.db"
+    assert resolve_tracking_uri("postgresql://u@db/mlflow", env={}, cwd=tmp_path) == "postgresql://u@db/mlflow"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast_with_the_uri():
+    uri = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as info:
+        check_reachable(uri, timeout_s=3)
+    assert time.monotonic() - start < 20
+    assert uri in str(info.value) and "unreachable" in str(info.value)
+
+
+def test_sqlite_store_is_created(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'sub' / 'mlflow.db'}"
+    check_reachable(uri)
+    assert (tmp_path / "sub" / "mlflow.db").exists()
+
+
+def test_ui_command():
+    assert ui_command("sqlite:////a b/mlflow.db") == "mlflow ui --backend-store-uri 'sqlite:////a b/mlflow.db'"
+    assert "http://h:5000" in ui_command("http://h:5000")

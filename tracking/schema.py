@@ -1,0 +1,56 @@
+"""Names of the MLflow run schema (DESIGN.md "MLflow runs"): tags, metrics, artifacts.
+
+Every writer and reader of the sweep's runs uses these constants, so the schema lives in one place.
+"""
+
+from __future__ import annotations
+
+# ---- tags ----------------------------------------------------------------------------------------
+ROLE = "calib.role"
+ROLE_SWEEP = "sweep"  # one parent run per launch
+ROLE_TRIAL = "trial"  # one child run per trial
+
+STAGE = "calib.stage"  # pretrain | base | calibrate
+DATASET = "calib.dataset"
+WEIGHTS = "calib.weights"  # CE | CE-SD | SD
+METHOD = "calib.method"  # pretrain | base | platt | auxiliary | finetune | mc_decoder | mc_center
+FOLD = "calib.fold"  # integer as text
+LR = "calib.lr"  # text; empty when the method has no learning-rate axis
+TRIAL_KEY = "calib.trial_key"  # stable hash of everything that changes the trial's result
+UPSTREAM_KEY = "calib.upstream_key"  # trial key of the run whose artifacts this trial read
+PROTOCOL = "calib.protocol"  # honest | paper
+SEARCH = "calib.search"  # optuna, when an Optuna search chose the LR
+ERROR = "calib.error"  # why a trial failed (one line)
+RESUMED_EPOCH = "calib.resumed_epoch"  # the checkpoint epoch a retried / resumed trial went on from
+
+GRID = "calib.grid"  # on the sweep run: grid name
+RESUMED = "calib.resumed"  # on the sweep run: "true" for a --resume launch
+
+PARENT_RUN_ID = "mlflow.parentRunId"
+RUN_NAME = "mlflow.runName"
+GIT_COMMIT = "mlflow.source.git.commit"
+
+#: Tags every trial run carries (DESIGN.md).
+TRIAL_TAGS = (ROLE, STAGE, DATASET, WEIGHTS, METHOD, FOLD, LR, TRIAL_KEY, PROTOCOL, PARENT_RUN_ID)
+
+# ---- metrics -------------------------------------------------------------------------------------
+TRAIN_LOSS = "train_loss"  # per epoch, step = epoch (from 0)
+VAL_LOSS = "val_loss"
+EPOCH_LR = "lr"  # the optimizer's learning rate at each epoch (plateau schedule)
+DICE_MEAN = "dice_mean"
+ECE_MEAN = "ece_mean"  # a fraction, not %
+BEST_VAL_LOSS = "best_val_loss"
+N_SUBJECTS = "n_subjects"
+COMPUTE_SECONDS = "compute_seconds"  # training + evaluation time of the trial, all attempts
+FINAL_METRICS = (DICE_MEAN, ECE_MEAN, BEST_VAL_LOSS, N_SUBJECTS, COMPUTE_SECONDS)
+
+# ---- artifacts -----------------------------------------------------------------------------------
+PER_SUBJECT = "per_subject.csv"  # subject_id, fold, dice, ece, ...
+RELIABILITY_BINS = "reliability_bins.csv"  # subject_id, bin, count, conf_sum, pos_sum
+WEIGHTS_DIR = "weights"  # the stage's model file (base weights; fitted calibration method)
+LOGITS_DIR = "logits"  # base stage: every subject's exported logits, read by calibrate trials
+TRIAL_CONFIG = "trial_config.json"  # the resolved trial config (what the trial key hashes)
+GRID_FILE = "grid.yaml"  # on the sweep run: the resolved grid
+
+PER_SUBJECT_COLUMNS = ("subject_id", "fold", "dice", "ece")
+RELIABILITY_COLUMNS = ("subject_id", "bin", "count", "conf_sum", "pos_sum")
