@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,14 +108,21 @@ def load_subject(cache_dir: Path, subject_id: str) -> Subject:
         known = sorted(p.stem for p in Path(cache_dir).glob("*.npz"))
         shown = ", ".join(known[:5]) + (" ..." if len(known) > 5 else "")
         raise DataError(f"subject {subject_id!r} not in cache {cache_dir} (has {len(known)}: {shown})")
-    with np.load(path) as npz:
-        missing = [k for k in ("image", "label", "mask") if k not in npz.files]
-        if missing:
-            raise DataError(f"{path} lacks array(s) {', '.join(missing)}")
-        return Subject(
-            subject_id=subject_id,
-            image=npz["image"],
-            label=npz["label"],
-            mask=npz["mask"],
-            true_prob=npz["true_prob"] if "true_prob" in npz.files else None,
-        )
+    try:
+        with np.load(path) as npz:
+            missing = [k for k in ("image", "label", "mask") if k not in npz.files]
+            if missing:
+                raise DataError(f"{path} lacks array(s) {', '.join(missing)}")
+            return Subject(
+                subject_id=subject_id,
+                image=npz["image"],
+                label=npz["label"],
+                mask=npz["mask"],
+                true_prob=npz["true_prob"] if "true_prob" in npz.files else None,
+            )
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        # A truncated or overwritten cache file: name it, so the trial fails at once (no retry)
+        # and the researcher knows which file to delete.
+        raise DataError(f"{path}: unreadable cached subject {subject_id!r} ({exc})") from exc

@@ -224,3 +224,15 @@ def test_load_subject_and_meta_errors(tmp_path):
         read_meta(tmp_path)
     with pytest.raises(DataError, match="subject 'nobody' not in cache"):
         load_subject(tmp_path, "nobody")
+
+
+def test_load_subject_truncated_file_names_it(tmp_path):
+    """A cached subject cut short (a copy interrupted outside our atomic writer) is a DataError
+    naming the file, not a bare zipfile error that a sweep would retry as transient."""
+    path = tmp_path / "s1.npz"
+    np.savez_compressed(path, image=np.zeros((1, 4, 4, 4), np.float32),
+                        label=np.zeros((4, 4, 4), np.uint8), mask=np.ones((4, 4, 4), bool))
+    assert load_subject(tmp_path, "s1").image.shape == (1, 4, 4, 4)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"s1\.npz: unreadable cached subject 's1'"):
+        load_subject(tmp_path, "s1")
