@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from tracking import schema as S
 from tracking.report.errors import ReportArgumentError, ReportError, WarningLog
+from tracking.runs import search_runs
 from tracking.store import local_store_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # in the working directory, as the sweep's default
@@ -111,17 +112,6 @@ def get_experiment_id(client: MlflowClient, name: str) -> str:
     return exp.experiment_id
 
 
-def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _parse_trial(run) -> TrialRun:
     tags = run.data.tags
     missing = [t for t in _REQUIRED_TAGS if t not in tags]
@@ -151,7 +141,7 @@ def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None 
     if scope == "sweep" and not sweep_run:
         raise ReportArgumentError("scope 'sweep' needs a sweep run id (--sweep-run)")
     exp_id = get_experiment_id(client, experiment)
-    sweeps = _search(client, exp_id, f"tags.`{S.ROLE}` = '{S.ROLE_SWEEP}'")
+    sweeps = search_runs(client, exp_id, f"tags.`{S.ROLE}` = '{S.ROLE_SWEEP}'")
     if sweep_run:
         _check_sweep_run(client, sweep_run, exp_id, experiment)
         log_run_id = sweep_run
@@ -166,7 +156,7 @@ def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None 
         filt += f" and tags.`{S.PARENT_RUN_ID}` = '{sweep_run}'"
     ignored: dict[str, int] = {}
     trials: list[TrialRun] = []
-    for run in _search(client, exp_id, filt):
+    for run in search_runs(client, exp_id, filt):
         if run.data.tags.get(S.STAGE) not in REPORT_STAGES:
             continue  # pretrain runs are not in the tables
         if run.info.status != "FINISHED":
