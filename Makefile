@@ -8,9 +8,17 @@ TOOLS_VENV ?= .venv-tools
 STAMP := $(VENV)/.installed-stamp
 TOOLS_STAMP := $(TOOLS_VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean latex
 
 install: $(STAMP) $(TOOLS_STAMP)
+
+# pdflatex + booktabs, so the report's LaTeX tables are compiled in the tests (Debian, as root;
+# elsewhere the compile test skips and says why).
+latex:
+	@command -v pdflatex >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+	  texlive-latex-base texlive-latex-recommended >/dev/null; } || \
+	  echo "no pdflatex: the LaTeX compile test will be skipped"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +37,7 @@ demo: $(STAMP)
 
 # Every tier: unit, slow (end-to-end sweeps on real Ray + MLflow) and integration
 # (mlflow server on PostgreSQL, two-node Ray). CI runs this.
-test: $(STAMP) $(TOOLS_STAMP)
+test: $(STAMP) $(TOOLS_STAMP) latex
 	CHECKOV=$(abspath $(TOOLS_VENV))/bin/checkov $(PY) -m pytest -q
 
 # The quick tier for the edit-test loop.
