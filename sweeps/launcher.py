@@ -217,7 +217,10 @@ def _prepare(grid: GridConfig, todo, err: TextIO) -> tuple[dict, dict]:
     datasets = sorted({t.dataset for t in todo})
     if not datasets:
         return {}, {}
-    cpus = max(1, min(4, int(ray.cluster_resources().get("CPU", 1))))  # preprocessing workers
+    # Preprocessing workers: one task on one node, so the CPUs of the largest node, not the
+    # cluster's total (two 1-CPU nodes cannot run a 2-CPU task: it would wait forever).
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    cpus = max(1, min(4, int(max(node_cpus, default=1))))
     prepared = prepare_data(grid, datasets, cpus=cpus)
     data = {d: v for d, v in prepared.items() if not isinstance(v, Exception)}
     errors = {d: " ".join(str(v).split())[:500] for d, v in prepared.items() if isinstance(v, Exception)}

@@ -185,6 +185,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
 
     A searcher may add ``config["lr"]`` (Optuna), which becomes the trial's learning rate.
     """
+    import ray
     from ray import tune
 
     import torch
@@ -209,6 +210,9 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
                      STATUS_METRIC: "FINISHED"})
         return
 
+    # Where this attempt runs: on a cluster, the node to look at when a trial misbehaves.
+    run.set_tags({schema.NODE_ID: ray.get_runtime_context().get_node_id(),
+                  schema.NODE_IP: ray.util.get_node_ip_address()})
     scratch = Path(tempfile.mkdtemp(prefix=f"calib-{spec.key[:10]}-"))
     work_dir = scratch / "work"
     work_dir.mkdir()

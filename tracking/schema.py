@@ -22,6 +22,8 @@ PROTOCOL = "calib.protocol"  # honest | paper
 SEARCH = "calib.search"  # optuna, when an Optuna search chose the LR
 ERROR = "calib.error"  # why a trial failed (one line)
 RESUMED_EPOCH = "calib.resumed_epoch"  # the checkpoint epoch a retried / resumed trial went on from
+NODE_ID = "calib.node_id"  # the Ray node the trial ran on (its last attempt)
+NODE_IP = "calib.node_ip"  # that node's IP address
 
 GRID = "calib.grid"  # on the sweep run: grid name
 RESUMED = "calib.resumed"  # on the sweep run: "true" for a --resume launch
