@@ -22,9 +22,10 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -54,27 +55,26 @@ class LogitVolume:
     mask: np.ndarray
 
 
+@contextmanager
+def _atomic_open(path: Path, mode: str) -> Iterator[IO]:
+    """A temporary file beside ``path`` that replaces it on clean exit (removed on error).
+
+    Not ``calib.data.atomic``: importing calib.data pulls in nibabel and MONAI readers.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """Write ``array`` to ``path`` via a temporary file in the same directory + os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_open(path, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 def logit_path(logits_dir: Path, subject_id: str) -> Path:
@@ -83,6 +83,15 @@ def logit_path(logits_dir: Path, subject_id: str) -> Path:
 
 def target_path(logits_dir: Path, subject_id: str) -> Path:
     return Path(logits_dir) / f"{subject_id}.target.npy"
+
+
+def _existing_paths(logits_dir: Path, subject_id: str) -> tuple[Path, Path]:
+    """(logit path, target path) of one subject; a missing file is a LogitCacheError naming it."""
+    paths = logit_path(logits_dir, subject_id), target_path(logits_dir, subject_id)
+    for p in paths:
+        if not p.is_file():
+            raise LogitCacheError(f"subject {subject_id!r}: missing {p} in the logit cache")
+    return paths
 
 
 def write_subject_logits(logits_dir: Path, subject_id: str, logits: np.ndarray,
@@ -116,7 +125,8 @@ def write_index(logits_dir: Path, subject_ids: Sequence[str], shape: Sequence[in
     path = Path(logits_dir) / INDEX_NAME
     payload = {"format": FORMAT_VERSION, "shape": [int(s) for s in shape],
                "subjects": list(subject_ids), "source": source or {}}
-    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+    with _atomic_open(path, "w") as fh:
+        fh.write(json.dumps(payload, indent=2, sort_keys=True))
     return path
 
 
@@ -139,10 +149,7 @@ def load_logits(logits_dir: Path, subject_id: str, mmap: bool = True) -> LogitVo
 
     With ``mmap`` the logits stay a read-only memory map (float16); convert what you use.
     """
-    lp, tp = logit_path(logits_dir, subject_id), target_path(logits_dir, subject_id)
-    for p in (lp, tp):
-        if not p.is_file():
-            raise LogitCacheError(f"subject {subject_id!r}: missing {p} in the logit cache")
+    lp, tp = _existing_paths(logits_dir, subject_id)
     logits = np.load(lp, mmap_mode="r" if mmap else None, allow_pickle=False)
     target = np.load(tp, allow_pickle=False)
     if logits.shape != target.shape or logits.ndim != 3:
@@ -174,7 +181,7 @@ def export_logits(model: torch.nn.Module, cache_dir: Path, subject_ids: Sequence
             index = read_index(out_dir)
         except LogitCacheError:
             index = None
-        if index and index["subjects"] == list(subject_ids) and index["source"] == source and all(
+        if index and index.get("subjects") == list(subject_ids) and index.get("source") == source and all(
                 logit_path(out_dir, s).is_file() and target_path(out_dir, s).is_file()
                 for s in subject_ids):
             return out_dir
@@ -211,10 +218,7 @@ class _Cache:
         self.logits: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         for sid in self.subject_ids:
-            lp, tp = logit_path(self.logits_dir, sid), target_path(self.logits_dir, sid)
-            for p in (lp, tp):
-                if not p.is_file():
-                    raise LogitCacheError(f"subject {sid!r}: missing {p} in the logit cache")
+            lp, tp = _existing_paths(self.logits_dir, sid)
             self.logits.append(np.load(lp, mmap_mode="r", allow_pickle=False))
             self.targets.append(np.load(tp, mmap_mode="r", allow_pickle=False))
         shapes = {a.shape for a in self.logits} | {t.shape for t in self.targets}
@@ -225,15 +229,41 @@ class _Cache:
 
 
 def _to_batch(logits: np.ndarray, target: np.ndarray) -> dict[str, torch.Tensor]:
+    """Tensors of one batch; ``target`` must be C-contiguous, ``logits`` may be any view (one copy)."""
     mask = target != OUTSIDE_MASK
     return {
-        "logits": torch.from_numpy(logits.astype(np.float32)).unsqueeze(1),
+        "logits": torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).unsqueeze(1),
         "label": torch.from_numpy((target == 1).astype(np.float32)).unsqueeze(1),
         "mask": torch.from_numpy(mask).unsqueeze(1),
     }
 
 
-class SliceBatches:
+class _CacheBatches:
+    """State shared by the loaders: the cache, batch size and the seeded per-epoch order."""
+
+    def __init__(self, logits_dir: Path, subject_ids: Sequence[str], batch_size: int,
+                 shuffle: bool, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._cache = _Cache(logits_dir, subject_ids)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+
+    def _order(self, n: int, epoch: int) -> np.ndarray:
+        """Indices 0..n-1, permuted from ``(seed, epoch)`` when shuffling."""
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+
+    def _n_items(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return -(-self._n_items() // self.batch_size)
+
+
+class SliceBatches(_CacheBatches):
     """Batches of z-slices from a logit cache: ``batches(epoch)`` yields dicts of tensors.
 
     Each batch is ``{"logits": (B, 1, X, Y) float32, "label": (B, 1, X, Y) float32 in {0, 1},
@@ -245,33 +275,26 @@ class SliceBatches:
 
     def __init__(self, logits_dir: Path, subject_ids: Sequence[str], batch_size: int = 64,
                  shuffle: bool = True, seed: int = 0):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._cache = _Cache(logits_dir, subject_ids)
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(seed)
+        super().__init__(logits_dir, subject_ids, batch_size, shuffle, seed)
         pairs = []
         for s, target in enumerate(self._cache.targets):
             z_with_mask = np.flatnonzero((target != OUTSIDE_MASK).any(axis=(1, 2)))
             pairs.append(np.stack([np.full_like(z_with_mask, s), z_with_mask], axis=1))
         self._slices = np.concatenate(pairs, axis=0)
         if len(self._slices) == 0:
-            raise LogitCacheError(f"{logits_dir}: no subject of {list(subject_ids)[:5]}... has a "
-                                  "non-empty mask")
+            ids = list(subject_ids)
+            shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+            raise LogitCacheError(f"{logits_dir}: no subject of {len(ids)} ({shown}) has a non-empty mask")
 
     @property
     def n_slices(self) -> int:
         return len(self._slices)
 
-    def __len__(self) -> int:
-        return -(-self.n_slices // self.batch_size)
+    def _n_items(self) -> int:
+        return self.n_slices
 
     def __call__(self, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        order = self._slices
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, int(epoch)])
-            order = order[rng.permutation(len(order))]
+        order = self._slices[self._order(self.n_slices, epoch)]
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             logits = np.stack([self._cache.logits[s][z] for s, z in chunk])
@@ -279,7 +302,7 @@ class SliceBatches:
             yield _to_batch(logits, target)
 
 
-class VolumeLogitBatches:
+class VolumeLogitBatches(_CacheBatches):
     """Whole-volume batches from a logit cache (for 3-D calibrators).
 
     Yields ``{"logits": (B, 1, X, Y, Z) float32, "label": ..., "mask": ...}``; shuffling of the
@@ -288,22 +311,15 @@ class VolumeLogitBatches:
 
     def __init__(self, logits_dir: Path, subject_ids: Sequence[str], batch_size: int = 2,
                  shuffle: bool = True, seed: int = 0):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._cache = _Cache(logits_dir, subject_ids)
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(seed)
+        super().__init__(logits_dir, subject_ids, batch_size, shuffle, seed)
 
-    def __len__(self) -> int:
-        return -(-len(self._cache.subject_ids) // self.batch_size)
+    def _n_items(self) -> int:
+        return len(self._cache.subject_ids)
 
     def __call__(self, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        order = np.arange(len(self._cache.subject_ids))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, int(epoch)]).permutation(order)
+        order = self._order(self._n_items(), epoch)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             logits = np.stack([self._cache.logits[s] for s in chunk]).transpose(0, 2, 3, 1)
             target = np.stack([self._cache.targets[s] for s in chunk]).transpose(0, 2, 3, 1)
-            yield _to_batch(np.ascontiguousarray(logits), np.ascontiguousarray(target))
+            yield _to_batch(logits, np.ascontiguousarray(target))  # _to_batch copies the logits once

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import DataError
-
-DATASETS = ("brats18", "isles18")
+from .layouts import SUPPORTED_DATASETS as DATASETS
 
 EPILOG_PREPROCESS = """\
 cache: each distinct preprocessing config + set of source files (path, size, mtime) gets its own

@@ -134,6 +134,33 @@ def nifti_stem(path: Path) -> str:
     return name
 
 
+def _keep_first(by_kind: dict[str, Path], kind: str, path: Path, sid: str, problems: list[Problem],
+                what: str) -> None:
+    """Record ``path`` as the subject's ``kind`` file; a second one is an EXTRA_MODALITY problem."""
+    if kind in by_kind:
+        problems.append(Problem(sid, str(path), EXTRA_MODALITY, f"second {what} beside {by_kind[kind].name}"))
+    else:
+        by_kind[kind] = path
+
+
+def _missing_kinds(layout: Layout, by_kind: dict[str, Path]) -> list[str]:
+    """The layout's channels and label that ``by_kind`` lacks, in layout order."""
+    return [k for k in (*layout.channels, layout.label_name) if k not in by_kind]
+
+
+def _subject_files(layout: Layout, sid: str, directory: Path, by_kind: dict[str, Path],
+                   true_prob_kind: str, **extra) -> SubjectFiles:
+    """The SubjectFiles of one subject from its files by kind (absent kinds are None)."""
+    return SubjectFiles(
+        subject_id=sid,
+        directory=directory,
+        images=tuple(by_kind.get(k) for k in layout.channels),
+        label=by_kind.get(layout.label_name),
+        true_prob=by_kind.get(true_prob_kind),
+        **extra,
+    )
+
+
 def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(
         (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -192,6 +219,8 @@ def brats_path(subject_dir: Path, subject_id: str, kind: str) -> Path:
 
 def _discover_brats(root: Path) -> Discovery:
     disc = Discovery()
+    layout = LAYOUTS["brats18"]
+    known = (*BRATS_MODALITIES, BRATS_LABEL, BRATS_TRUE_PROB)
     groups = [g for g in BRATS_GROUPS if (root / g).is_dir()]
     if groups:
         candidates = [(g, d) for g in groups for d in _visible_dirs(root / g)]
@@ -210,7 +239,6 @@ def _discover_brats(root: Path) -> Discovery:
             continue
         seen[sid] = subject_dir
         by_kind: dict[str, Path] = {}
-        known = (*BRATS_MODALITIES, BRATS_LABEL, BRATS_TRUE_PROB)
         for path in niftis:
             stem = nifti_stem(path)
             kind = stem[len(sid) + 1 :] if stem.startswith(sid + "_") else None
@@ -223,27 +251,13 @@ def _discover_brats(root: Path) -> Discovery:
                         f"not one of the expected files {sid}_{{{','.join(known[:-1])}}}.nii.gz",
                     )
                 )
-            elif kind in by_kind:
-                disc.problems.append(
-                    Problem(sid, str(path), EXTRA_MODALITY, f"second {kind} file beside {by_kind[kind].name}")
-                )
             else:
-                by_kind[kind] = path
-        missing = [k for k in (*BRATS_MODALITIES, BRATS_LABEL) if k not in by_kind]
-        for kind in missing:
+                _keep_first(by_kind, kind, path, sid, disc.problems, f"{kind} file")
+        for kind in _missing_kinds(layout, by_kind):
             disc.problems.append(
                 Problem(sid, str(brats_path(subject_dir, sid, kind)), MISSING_MODALITY, f"{kind} file missing")
             )
-        disc.all.append(
-            SubjectFiles(
-                subject_id=sid,
-                directory=subject_dir,
-                images=tuple(by_kind.get(m) for m in BRATS_MODALITIES),
-                label=by_kind.get(BRATS_LABEL),
-                true_prob=by_kind.get(BRATS_TRUE_PROB),
-                group=group,
-            )
-        )
+        disc.all.append(_subject_files(layout, sid, subject_dir, by_kind, BRATS_TRUE_PROB, group=group))
     return disc
 
 
@@ -273,6 +287,7 @@ def _isles_entry(entry: Path) -> tuple[str | None, Path | None, str | None]:
 
 def _discover_isles(root: Path) -> Discovery:
     disc = Discovery()
+    layout = LAYOUTS["isles18"]
     base = root / ISLES_FOLDER if (root / ISLES_FOLDER).is_dir() else root
     known = (*ISLES_CHANNELS, ISLES_LABEL, ISLES_4D, ISLES_TRUE_PROB)
     for case_dir in _visible_dirs(base):
@@ -298,27 +313,14 @@ def _discover_isles(root: Path) -> Discovery:
             elif problem is not None:
                 empty_kinds.add(kind)
                 disc.problems.append(Problem(sid, str(entry), MISSING_MODALITY, problem))
-            elif kind in by_kind:
-                disc.problems.append(
-                    Problem(sid, str(path), EXTRA_MODALITY, f"second {kind} beside {by_kind[kind].name}")
-                )
             else:
-                by_kind[kind] = path
-        missing = [k for k in (*ISLES_CHANNELS, ISLES_LABEL) if k not in by_kind]
-        for kind in missing:
+                _keep_first(by_kind, kind, path, sid, disc.problems, kind)
+        for kind in _missing_kinds(layout, by_kind):
             if kind in empty_kinds:
                 continue  # already reported as an empty SMIR folder
             disc.problems.append(
                 Problem(sid, str(case_dir / f"{SMIR_PREFIX}{kind}.<num>"), MISSING_MODALITY, f"{kind} missing")
             )
-        disc.all.append(
-            SubjectFiles(
-                subject_id=sid,
-                directory=case_dir,
-                images=tuple(by_kind.get(k) for k in ISLES_CHANNELS),
-                label=by_kind.get(ISLES_LABEL),
-                true_prob=by_kind.get(ISLES_TRUE_PROB),
-                ignored=tuple(p for k, p in by_kind.items() if k == ISLES_4D),
-            )
-        )
+        ignored = (by_kind[ISLES_4D],) if ISLES_4D in by_kind else ()
+        disc.all.append(_subject_files(layout, sid, case_dir, by_kind, ISLES_TRUE_PROB, ignored=ignored))
     return disc

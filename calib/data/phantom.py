@@ -50,6 +50,7 @@ from .layouts import (
     ISLES_TRUE_PROB,
     SUPPORTED_DATASETS,
     brats_path,
+    get_layout,
     isles_path,
 )
 from .synth import Head, SmoothField, combine, grid_affine, place_lesion, sigmoid, world_coords
@@ -276,8 +277,7 @@ def write_phantoms(
     ``out`` must be new or empty, or hold the phantoms of the very same call (then nothing is
     written). Returns the subject ids.
     """
-    if dataset not in SUPPORTED_DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(SUPPORTED_DATASETS)}")
+    get_layout(dataset)  # an unknown name is a DataError listing the choices
     if n_subjects < 1:
         raise DataError(f"n_subjects must be at least 1, got {n_subjects}")
     shape = tuple(int(s) for s in (shape or DEFAULT_SHAPES[dataset]))

@@ -241,7 +241,7 @@ def preprocess_dataset(
             "hash": key,
             "channels": list(get_layout(dataset).channels),
             "subjects": [s.subject_id for s in subjects],
-            "subject_info": {sid: infos[sid] for sid in (s.subject_id for s in subjects)},
+            "subject_info": {s.subject_id: infos[s.subject_id] for s in subjects},
             "source_root": str(root.resolve()),
             "has_true_prob": all(s.true_prob is not None for s in subjects),
         }
