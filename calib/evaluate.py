@@ -38,12 +38,14 @@ def evaluate_subject(prob: np.ndarray, label: np.ndarray, mask: np.ndarray,
     if prob.shape != label.shape or prob.shape != mask.shape:
         raise ValueError(f"prob {prob.shape}, label {label.shape} and mask {mask.shape} must have "
                          "one shape")
+    # one binning pass serves ECE, MCE and the reliability bins (what metrics.ece / mce do inside)
+    count, conf_sum, pos_sum = metrics.reliability_bins(prob, label, mask, n_bins=n_bins)
     row = {
         "dice": float(metrics.dice(prob, label, mask)),
-        "ece": float(metrics.ece(prob, label, mask, n_bins=n_bins)),
+        "ece": metrics.ece_from_bins(count, conf_sum, pos_sum),
         "brier": float(metrics.brier(prob, label, mask)),
         "nll": float(metrics.nll(prob, label, mask)),
-        "mce": float(metrics.mce(prob, label, mask, n_bins=n_bins)),
+        "mce": metrics.mce_from_bins(count, conf_sum, pos_sum),
         "boundary_ece": float(metrics.boundary_ece(prob, label, mask, n_bins=n_bins)),
     }
     if true_prob is not None:
@@ -51,7 +53,6 @@ def evaluate_subject(prob: np.ndarray, label: np.ndarray, mask: np.ndarray,
         if true_prob.shape != prob.shape:
             raise ValueError(f"true_prob {true_prob.shape} does not match prob {prob.shape}")
         row["true_ce"] = float(np.abs(prob[mask] - true_prob[mask]).mean()) if mask.any() else float("nan")
-    count, conf_sum, pos_sum = metrics.reliability_bins(prob, label, mask, n_bins=n_bins)
     bins = pd.DataFrame({"bin": np.arange(n_bins), "count": np.asarray(count),
                          "conf_sum": np.asarray(conf_sum, dtype=np.float64),
                          "pos_sum": np.asarray(pos_sum, dtype=np.float64)})

@@ -29,7 +29,7 @@ from calib.evaluate import evaluate_subjects
 from calib.logits import export_logits
 from calib.losses import LOSSES
 from calib.methods import SubjectSet, build_method
-from calib.methods.network_based import load_weights, save_weights
+from calib.methods.network_based import load_weights, save_weights, unet_probability
 from calib.methods.params import BASE_WEIGHTS, MethodError, closest
 from calib.methods.volumes import VolumeBatches
 from calib.nets import UNet3D, UNetConfig
@@ -148,21 +148,11 @@ def _train_unet(model: UNet3D, loss: str, train_cfg: TrainConfig, split: FoldSpl
                checkpoint_path=Path(work_dir) / CHECKPOINT_NAME, callbacks=callbacks)
 
 
-def _net_predictor(model: UNet3D, device: torch.device):
-    @torch.no_grad()
-    def predict(subject) -> np.ndarray:
-        model.to(device).eval()
-        image = torch.from_numpy(subject.image)[None].to(device)
-        mask = torch.from_numpy(subject.mask)[None, None].to(device)
-        return torch.sigmoid(model(image, mask=mask).float())[0, 0].cpu().numpy()
-    return predict
-
-
 def _finish_unet_stage(model: UNet3D, result: FitResult, split: FoldSplit, work_dir: Path,
                        device: torch.device, params: dict) -> StageResult:
     weights = save_weights(model.cpu(), Path(work_dir) / WEIGHTS_NAME)
-    per_subject, bins = evaluate_subjects(_net_predictor(model, device), split.subjects("test"),
-                                          split.fold)
+    per_subject, bins = evaluate_subjects(lambda s: unet_probability(model, s, device),
+                                          split.subjects("test"), split.fold)
     model.cpu()
     return StageResult(weights, per_subject, bins, result.best_val_loss, result.epochs_run,
                        list(result.history), {}, params)

@@ -111,11 +111,12 @@ def _to_device(obj: Any, device: torch.device, channels_last: bool) -> Any:
 def _rng_state(device: torch.device) -> dict:
     # numpy's key array and python's tuple as tensors / lists so torch.load(weights_only=True) works
     kind, key, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "python": [py_version, list(py_internal), py_gauss],
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -140,7 +141,8 @@ def _seed_all(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` via a fsynced tmp file + ``os.replace`` (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -261,7 +263,7 @@ def fit(module: nn.Module,
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
             rows.append(row)
             if ckpt_path is not None:
-                _atomic_save({
+                atomic_save({
                     "version": CHECKPOINT_VERSION, "cfg": asdict(cfg), "epoch": epoch,
                     "model": module.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "best_val": best_val,

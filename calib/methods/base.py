@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from calib.methods.params import SCHEDULE_KEYS, MethodError, check_weights, resolve_params
-from calib.training import EpochResult, FitResult, TrainConfig
+from calib.training import EpochResult, FitResult, TrainConfig, atomic_save
 
 SAVE_FORMAT = 1
 
@@ -179,7 +178,7 @@ class CalibrationMethod(abc.ABC):
     def predict_proba(self, subject: SubjectRef, device: torch.device | str = "cpu") -> np.ndarray:
         """Calibrated foreground probability, float32 (X, Y, Z) in [0, 1]; 0 outside the mask."""
         prob = np.asarray(self._predict_prob(subject, torch.device(device)), dtype=np.float32)
-        return np.where(subject.mask, prob, np.float32(0.0)).astype(np.float32)
+        return np.where(subject.mask, prob, np.float32(0.0)).astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, float]:
         """Learned scalars worth logging (e.g. Platt's weight and bias); empty by default."""
@@ -197,19 +196,13 @@ class CalibrationMethod(abc.ABC):
     def save(self, path: Path) -> Path:
         """Write name, parameters, base-weight name, network config and state atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "format": SAVE_FORMAT, "method": self.name, "params": dict(self.params),
             "weights": self.weights,
             "net_cfg": None if self.net_cfg is None else dataclasses.asdict(self.net_cfg),
             "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_save(payload, path)
         return path
 
 

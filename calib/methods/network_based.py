@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,19 +15,13 @@ from calib.methods.base import CalibrationMethod, SubjectRef, SubjectSet
 from calib.methods.params import MethodError
 from calib.methods.volumes import VolumeBatches
 from calib.nets import UNet3D, UNetConfig
-from calib.training import EpochResult, FitResult, fit
+from calib.training import EpochResult, FitResult, atomic_save, fit
 
 
 def save_weights(model: nn.Module, path: Path) -> Path:
     """Write ``model.state_dict()`` (CPU tensors) to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return path
 
 
@@ -43,6 +36,22 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     except Exception as exc:  # noqa: BLE001 - unreadable or mismatching: the same problem here
         raise MethodError(f"{path}: cannot load these weights into the network ({exc})") from exc
     return model
+
+
+def unet_inputs(subject: SubjectRef, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One subject's image (1, C, X, Y, Z) float32 and mask (1, 1, X, Y, Z) bool on ``device``."""
+    image = torch.from_numpy(subject.image)[None].to(device)
+    mask = torch.from_numpy(subject.mask)[None, None].to(device)
+    return image, mask
+
+
+@torch.no_grad()
+def unet_probability(net: UNet3D, subject: SubjectRef, device: torch.device) -> np.ndarray:
+    """``sigmoid(net(image, mask))`` of one subject in eval mode, float32 (X, Y, Z); 0 outside
+    the mask. Leaves ``net`` on ``device``."""
+    net.to(device).eval()
+    image, mask = unet_inputs(subject, device)
+    return torch.sigmoid(net(image, mask=mask).float())[0, 0].cpu().numpy()
 
 
 def as_unet_config(cfg) -> UNetConfig:
@@ -112,15 +121,10 @@ class NetworkMethod(CalibrationMethod, abc.ABC):
             self.net.to("cpu")
 
     def _inputs(self, subject: SubjectRef, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        image = torch.from_numpy(subject.image)[None].to(device)
-        mask = torch.from_numpy(subject.mask)[None, None].to(device)
-        return image, mask
+        return unet_inputs(subject, device)
 
-    @torch.no_grad()
     def _predict_prob(self, subject: SubjectRef, device: torch.device) -> np.ndarray:
-        self.net.to(device).eval()
-        image, mask = self._inputs(subject, device)
-        prob = torch.sigmoid(self.net(image, mask=mask).float())[0, 0].cpu().numpy()
+        prob = unet_probability(self.net, subject, device)
         self.net.to("cpu")
         return prob
 
