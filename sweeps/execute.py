@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from sweeps.config import GridConfig
+from sweeps.config import GridConfig, Resources
 from sweeps.plan import Plan, TrialSpec
 from sweeps.trainable import ERROR_METRIC, PROGRESS_FILE, STATUS_METRIC, TrialContext, run_trial, trial_tags
 
@@ -102,11 +102,7 @@ def prepare_data(grid: GridConfig, datasets: Iterable[str], cpus: int = 1) -> di
 def _resources(config: dict):
     from ray import tune
 
-    r = config["spec"]["resources"]
-    bundle = {"CPU": float(r["cpu"])}
-    if r.get("gpu"):
-        bundle["GPU"] = float(r["gpu"])
-    return tune.PlacementGroupFactory([bundle])
+    return tune.PlacementGroupFactory([Resources(**config["spec"]["resources"]).as_ray()])
 
 
 def _spec_of(trial) -> TrialSpec:
@@ -321,7 +317,8 @@ class Executor:
             run_id, status = run.info.run_id, run.info.status
             err = run.data.tags.get(schema.ERROR) or error or status
             if status == RUNNING:
-                err = error or "the trial ended without closing its run"
+                # A worker that tagged its error but could not end the run: keep its message.
+                err = error or run.data.tags.get(schema.ERROR) or "the trial ended without closing its run"
                 fail_run(self.client, run_id, err)
                 status = FAILED
             if status == FINISHED:

@@ -210,13 +210,14 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
                      STATUS_METRIC: "FINISHED"})
         return
 
-    # Where this attempt runs: on a cluster, the node to look at when a trial misbehaves.
-    run.set_tags({schema.NODE_ID: ray.get_runtime_context().get_node_id(),
-                  schema.NODE_IP: ray.util.get_node_ip_address()})
     scratch = Path(tempfile.mkdtemp(prefix=f"calib-{spec.key[:10]}-"))
-    work_dir = scratch / "work"
-    work_dir.mkdir()
-    try:
+    finished = False
+    try:  # from here on every way out closes the run (FINISHED or FAILED)
+        # Where this attempt runs: on a cluster, the node to look at when a trial misbehaves.
+        run.set_tags({schema.NODE_ID: ray.get_runtime_context().get_node_id(),
+                      schema.NODE_IP: ray.util.get_node_ip_address()})
+        work_dir = scratch / "work"
+        work_dir.mkdir()
         before, resumed_epoch = _restore(work_dir, ctx.resume_checkpoints.get(spec.key))
         if resumed_epoch is not None:
             run.set_tags({schema.RESUMED_EPOCH: resumed_epoch})
@@ -237,14 +238,17 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
                        [_EpochReporter(run, spec, work_dir, scratch, clock)])
         metrics = _log_result(run, spec, result, clock())
         run.finish()
+        finished = True
         tune.report({**metrics, STATUS_METRIC: "FINISHED"})
-    except Exception as exc:
+    except BaseException as exc:  # also Ctrl-C / SystemExit (Tune stopping the trial): no RUNNING run
+        if finished:  # the run is complete; a failing last report must not turn it FAILED
+            raise  # (a retry finds it FINISHED and only reports it)
         message = f"{type(exc).__name__}: {exc}"
         try:
             run.fail(message)
         except Exception:  # noqa: BLE001 - the store is down too: the driver closes the run
             traceback.print_exc()
-        if not is_permanent(exc):
+        if not (isinstance(exc, Exception) and is_permanent(exc)):
             raise  # Ray retries the trial (it re-opens this run and resumes from its checkpoint)
         tune.report({STATUS_METRIC: "FAILED", ERROR_METRIC: message[:2000], schema.BEST_VAL_LOSS: None})
     finally:

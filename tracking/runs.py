@@ -70,7 +70,15 @@ def start_sweep_run(client: MlflowClient, experiment_id: str, *, grid_name: str,
         tags[schema.GIT_COMMIT] = git_commit
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = client.create_run(experiment_id, tags=tags, run_name=f"sweep-{grid_name}-{stamp}")
-    client.log_text(run.info.run_id, grid_yaml, schema.GRID_FILE)
+    try:
+        client.log_text(run.info.run_id, grid_yaml, schema.GRID_FILE)
+    except BaseException as exc:  # the caller never gets the id: close the run here, not RUNNING
+        try:
+            status = KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit)) else FAILED
+            end_run(client, run.info.run_id, status, f"launch aborted: {type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+        raise
     return run.info.run_id
 
 
@@ -150,10 +158,6 @@ def fail_run(client: MlflowClient, run_id: str, message: str) -> None:
 def one_line(message: str) -> str:
     text = " ".join(str(message).split())
     return text if len(text) <= _MAX_TAG else text[:_MAX_TAG - 3] + "..."
-
-
-def run_status(client: MlflowClient, run_id: str) -> str:
-    return client.get_run(run_id).info.status
 
 
 # ---- a trial's run -------------------------------------------------------------------------------

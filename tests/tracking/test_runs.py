@@ -34,6 +34,20 @@ def test_sweep_run_and_local_artifacts(store, tmp_path, mlflow_store):
     assert location == (Path(mlflow_store[len("sqlite:///"):]).parent / "mlruns").as_uri()
 
 
+def test_sweep_run_is_closed_when_its_grid_cannot_be_logged(store, monkeypatch):
+    client, exp, _ = store
+
+    def broken(*args, **kwargs):
+        raise OSError("artifact store full")
+
+    monkeypatch.setattr(client, "log_text", broken)
+    with pytest.raises(OSError, match="artifact store full"):
+        start_sweep_run(client, exp, grid_name="broken", grid_yaml="name: broken\n")
+    runs = client.search_runs([exp], f"tags.`{schema.GRID}` = 'broken'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "artifact store full" in runs[0].data.tags[schema.ERROR]
+
+
 def test_reopened_trial_reuses_its_run(store):
     client, exp, parent = store
     first = TrialRun.open(client, exp, parent, "k1", TAGS, "base fold 0")
