@@ -4,6 +4,7 @@ stock set lacks:
 - ``HeadMaskd``: brain/head mask from a threshold on one channel, as a resamplable image.
 - ``ExtentSpacingd``: resample to isotropic spacing on a grid that spans the voxels' full extent.
 - ``MaskedNormalized``: per-channel z-score with statistics taken inside a mask.
+- ``FixedNormalized``: per-channel fixed shift and scale (the paper's public code).
 """
 
 from __future__ import annotations
@@ -112,18 +113,42 @@ class MaskedNormalized(MapTransform):
         return d
 
 
+class FixedNormalized(MapTransform):
+    """``(x - shift[c]) / scale[c]`` for each channel ``c`` of ``keys``, everywhere in the grid.
+
+    The paper's public code normalises this way with dataset-wide statistics per modality; it
+    does not zero the outside of the mask (the padding added later is 0).
+    """
+
+    def __init__(self, keys: str | Sequence[str], shifts: Sequence[float], scales: Sequence[float]):
+        super().__init__(keys)
+        self.transform = NormalizeIntensity(subtrahend=list(shifts), divisor=list(scales),
+                                            channel_wise=True)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
 def build_pipeline(
     spacing: float,
     shape: Sequence[int],
     mask_threshold: float,
     with_true_prob: bool,
     orientation: str = "RAS",
+    fixed: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Compose:
     """The per-subject pipeline of ``calib.data.preprocess`` (see its docstring for the steps).
 
     Input: ``{"image": [channel paths], "label": path, "true_prob": path}``; output MetaTensors
     ``image`` (C,X,Y,Z), ``label``, ``mask``, ``true_prob`` (1,X,Y,Z) on the ``shape`` grid.
+    ``fixed``: (shifts, scales) per channel for the fixed normalisation, None for the per-subject
+    z-score inside the mask.
     """
+    normalise = (MaskedNormalized("image", "mask") if fixed is None
+                 else FixedNormalized("image", fixed[0], fixed[1]))
     extra = ["true_prob"] if with_true_prob else []
     keys = ["image", "label", "mask", *extra]
     modes = ["bilinear", "nearest", "nearest", *(["bilinear"] if with_true_prob else [])]
@@ -136,7 +161,7 @@ def build_pipeline(
             Orientationd(keys, axcodes=orientation, labels=_RAS_LABELS),
             ExtentSpacingd(keys, spacing, modes),
             AsDiscreted("label", threshold=0.5),  # whole tumour / lesion: any label > 0
-            MaskedNormalized("image", "mask"),
+            normalise,
             ResizeWithPadOrCropd(keys, spatial_size=tuple(shape), mode="constant"),
         ]
     )
