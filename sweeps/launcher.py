@@ -139,7 +139,8 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     import ray
 
     from sweeps.execute import ExecutionSettings, Executor, connect_ray, resource_problems
-    from sweeps.summary import outcome_table
+    from sweeps.summary import degenerate_text, outcome_table
+    from tracking.guard import degenerate_models
     from sweeps.trainable import TrialContext
     from tracking import runs as tr
     from tracking.store import client as make_client, get_or_create_experiment, ui_command
@@ -201,6 +202,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
             ray.shutdown()
 
     print("\n" + outcome_table(outcomes, wall), file=out)
+    print(degenerate_text(degenerate_models(client, exp_id, plan.by_key)), file=out)
     if opts.report:
         _report(experiment, uri, parent, grid.work_dir / "report", out, err)
     print(f"\nbrowse the runs: {ui_command(uri)}", file=out, flush=True)

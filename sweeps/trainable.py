@@ -149,6 +149,8 @@ def _fetch_upstream(client, ctx: TrialContext, spec: TrialSpec, needs, scratch: 
 
 def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float]:
     """Final metrics and artifacts of a finished stage; returns the metrics."""
+    import pandas as pd
+
     from tracking import schema
 
     per_subject = result.per_subject
@@ -159,9 +161,27 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         schema.N_SUBJECTS: float(per_subject["subject_id"].nunique()),
         schema.COMPUTE_SECONDS: float(seconds),
     }
-    for col in ("brier", "nll", "mce", "boundary_ece", "true_ce"):  # more metrics when present
-        if col in per_subject.columns and per_subject[col].notna().any():
-            metrics[f"{col}_mean"] = float(per_subject[col].mean())
+    # every other per-subject metric the stage computed (brier, nll, true_ce, ...), as its mean
+    for col in per_subject.columns:
+        if col in ("subject_id", "fold", "dice", "ece"):
+            continue
+        values = pd.to_numeric(per_subject[col], errors="coerce")
+        if values.notna().any():
+            metrics[f"{col}_mean"] = float(values.mean())
+    guard = getattr(result, "guard", None)
+    if guard is not None:  # the degenerate-model guard's view of the validation subjects
+        metrics[schema.GUARD_FOREGROUND_FRACTION] = float(guard.foreground_fraction)
+        metrics[schema.GUARD_MEDIAN_ABS_LOGIT] = float(guard.median_abs_logit)
+    tags = {}
+    fit_split = (getattr(result, "params", None) or {}).get("fit_split")
+    if fit_split:
+        tags[schema.FIT_SPLIT] = fit_split
+    if getattr(result, "degenerate", None):
+        tags[schema.DEGENERATE] = str(result.degenerate)[:500]
+    if tags:
+        run.set_tags(tags)
+    if getattr(result, "splits", None):
+        run.log_json(result.splits, schema.SPLITS)
     run.log_text(per_subject.to_csv(index=False), schema.PER_SUBJECT)
     run.log_text(result.reliability_bins.to_csv(index=False), schema.RELIABILITY_BINS)
     run.log_artifact(result.weights, schema.WEIGHTS_DIR)

@@ -126,10 +126,11 @@ def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, .
     within = pareto_by_weights(results)
     for ds in sorted(results["dataset"].unique()):
         part = results["dataset"] == ds
+        excluded = data.trials.excluded_from(ds)
         files.append(write_text(out / names.table_md(ds),
-                                markdown_table(results, ds, ctx.use_holm, ctx.select_by)))
+                                markdown_table(results, ds, ctx.use_holm, ctx.select_by, excluded)))
         files.append(write_text(out / names.table_tex(ds),
-                                latex_table(results, ds, ctx.use_holm, ctx.select_by)))
+                                latex_table(results, ds, ctx.use_holm, ctx.select_by, excluded)))
         pareto = results.loc[part, ["dataset", "weights", "method", "lr_selected", "dice_mean",
                                     "ece_pct_mean", "pareto"]].copy()
         pareto["pareto_within_weights"] = within[part]

@@ -116,7 +116,8 @@ def _dataset_section(ds: str, results: pd.DataFrame, selections: Sequence[Select
                      dispersion: pd.DataFrame, ctx: ReportContext) -> str:
     part = results[results["dataset"] == ds]
     weights = sorted(part["weights"].unique(), key=weights_key)
-    out = [f"## {ds}", "", markdown_table(results, ds, ctx.use_holm, ctx.select_by),
+    out = [f"## {ds}", "", markdown_table(results, ds, ctx.use_holm, ctx.select_by,
+                                          ctx.trials.excluded_from(ds)),
            f"Files: [{names.table_md(ds)}]({names.table_md(ds)}), "
            f"[{names.table_tex(ds)}]({names.table_tex(ds)}), "
            f"[{names.pareto_csv(ds)}]({names.pareto_csv(ds)}).", ""]
