@@ -44,6 +44,7 @@ import torch
 
 from calib.evaluate import evaluate_subjects
 from calib.guard import GuardReport, check_degenerate
+from calib.preview import keep_first_preview
 from calib.logits import export_logits
 from calib.losses import LOSSES
 from calib.methods import SubjectSet, build_method
@@ -213,6 +214,7 @@ class StageResult:
     params: dict[str, Any] = field(default_factory=dict)
     splits: dict[str, Any] = field(default_factory=dict)
     guard: GuardReport | None = None
+    preview: dict[str, np.ndarray] = field(default_factory=dict)  # calib.preview, first test subject
 
     @property
     def degenerate(self) -> str | None:
@@ -248,12 +250,13 @@ def _train_unet(model: UNet3D, loss: str, train_cfg: TrainConfig, split: FoldSpl
 def _finish_unet_stage(model: UNet3D, result: FitResult, split: FoldSplit, work_dir: Path,
                        device: torch.device, params: dict) -> StageResult:
     weights = save_weights(model.cpu(), Path(work_dir) / WEIGHTS_NAME)
-    per_subject, bins = evaluate_subjects(lambda s: unet_probability(model, s, device),
-                                          split.subjects("test"), split.fold)
+    preview: dict = {}
+    predict = keep_first_preview(lambda s: unet_probability(model, s, device), preview)
+    per_subject, bins = evaluate_subjects(predict, split.subjects("test"), split.fold)
     model.cpu()
     params = {**params, **split.describe("train")}
     return StageResult(weights, per_subject, bins, result.best_val_loss, result.epochs_run,
-                       list(result.history), {}, params, split.to_dict())
+                       list(result.history), {}, params, split.to_dict(), preview=preview)
 
 
 def run_pretrain(net_cfg: UNetConfig, train_cfg: TrainConfig, split: FoldSplit, work_dir: Path,
@@ -349,12 +352,13 @@ def run_calibrate(method: str, params: Mapping[str, Any] | None, weights: str,
     fit_set, val = split.subjects(fit_on, logits_dir), split.subjects("val", logits_dir)
     result = calibrator.fit(fit_set, val, device, callbacks, work_dir / CHECKPOINT_NAME)
     saved = calibrator.save(work_dir / METHOD_NAME)
-    per_subject, bins = evaluate_subjects(lambda s: calibrator.predict_proba(s, device),
-                                          split.subjects("test", logits_dir), split.fold)
+    preview: dict = {}
+    predict = keep_first_preview(lambda s: calibrator.predict_proba(s, device), preview)
+    per_subject, bins = evaluate_subjects(predict, split.subjects("test", logits_dir), split.fold)
     recorded = {"method": method, "weights": weights, "protocol": split.protocol,
                 **split.describe(fit_on),
                 **calibrator.params, **calibrator.describe()}
     if hasattr(calibrator, "loss_name"):
         recorded["loss"] = calibrator.loss_name()
     return StageResult(saved, per_subject, bins, result.best_val_loss, result.epochs_run,
-                       list(result.history), {}, recorded, split.to_dict())
+                       list(result.history), {}, recorded, split.to_dict(), preview=preview)

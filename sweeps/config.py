@@ -113,6 +113,12 @@ class Folds:
     n_folds: int = 5
     seed: int = 0
     file: Path | str | None = None
+    #: The folds whose trials run (default all): a smoke run or a pilot runs one fold of the
+    #: same K-fold split, so its trials and their keys are those of the full study.
+    only: tuple[int, ...] = ()
+
+    def run_folds(self) -> tuple[int, ...]:
+        return self.only or tuple(range(self.n_folds))
 
     @property
     def is_paper(self) -> bool:
@@ -242,7 +248,8 @@ class GridConfig:
                               "shape": list(self.preprocessing.shape),
                               "normalisation": self.preprocessing.normalisation},
             "folds": {"n_folds": self.folds.n_folds, "seed": self.folds.seed,
-                      "file": None if self.folds.file is None else str(self.folds.file)},
+                      "file": None if self.folds.file is None else str(self.folds.file),
+                      "only": list(self.folds.only) or None},
             "network": {"preset": self.network.preset, "levels": self.network.levels,
                         "base": self.network.base,
                         "weight_decay": dict(self.network.weight_decay)},

@@ -122,10 +122,17 @@ class GridParser:
             normalisation=self.choice(pre.get("normalisation", "subject"), "preprocessing.normalisation",
                                       NORMALISATIONS, "normalisation"))
 
-        fo = self.section(top.get("folds"), "folds", ("n_folds", "seed", "file"))
+        fo = self.section(top.get("folds"), "folds", ("n_folds", "seed", "file", "only"))
         folds = Folds(n_folds=self.number(fo.get("n_folds", 5), "folds.n_folds", integer=True, minimum=2),
                       seed=self.number(fo.get("seed", 0), "folds.seed", integer=True, minimum=0),
                       file=self.folds_file(fo.get("file")))
+        if fo.get("only") is not None:
+            only = fo["only"] if isinstance(fo["only"], Sequence) and not isinstance(fo["only"], str) else [fo["only"]]
+            only = tuple(self.number(v, "folds.only", integer=True, minimum=0) for v in only)
+            bad = [f for f in only if f >= folds.n_folds]
+            if bad or not only or len(set(only)) != len(only):
+                self.fail("folds.only", f"must list distinct folds of 0..{folds.n_folds - 1}, got {list(only)}")
+            folds = Folds(folds.n_folds, folds.seed, folds.file, tuple(sorted(only)))
         if folds.is_paper and folds.n_folds != 5:
             self.fail("folds.n_folds", f"the paper's folds are 5, got {folds.n_folds}")
 

@@ -261,11 +261,20 @@ def _report(experiment: str, uri: str, parent: str, out_dir: Path, out: TextIO, 
     except ImportError:
         print("report: tracking.report is not available; skipped", file=out)
         return
+    import warnings
+
+    from tracking.report import ReportWarning
+
     try:
-        outcome = build_report(experiment, out_dir, tracking_uri=uri, sweep_run=parent, scope="experiment")
+        with warnings.catch_warnings():  # printed below, once each, without a stack line
+            warnings.simplefilter("ignore", ReportWarning)
+            outcome = build_report(experiment, out_dir, tracking_uri=uri, sweep_run=parent,
+                                   scope="experiment")
     except Exception as exc:  # noqa: BLE001 - a report problem must not hide the sweep's result
         print(f"report: failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=err)
         return
     print(f"report: {out_dir} ({len(outcome.files)} files)", file=out)
     for w in outcome.warnings[:5]:
         print(f"report warning: {w}", file=out)
+    if len(outcome.warnings) > 5:
+        print(f"report: {len(outcome.warnings) - 5} more warning(s) in {out_dir / 'report.md'}", file=out)

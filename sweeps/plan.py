@@ -228,7 +228,7 @@ def expand(grid: GridConfig) -> Plan:
         decay = grid.network.weight_decay_for(ds)
         train = {s: dict(grid.training[s], seed=grid.seed, **({"weight_decay": decay} if decay else {}))
                  for s in grid.training}
-        for fold in range(grid.folds.n_folds):
+        for fold in grid.folds.run_folds():
             pre = None
             if any(w in ("CE", "CE-SD") for w in grid.weights):
                 pre = make("pretrain", "CE", "pretrain", fold, None, {}, None, 0,

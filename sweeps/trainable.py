@@ -147,6 +147,15 @@ def _fetch_upstream(client, ctx: TrialContext, spec: TrialSpec, needs, scratch: 
     return {name: fetch_artifacts(client, run_id, name, scratch / "upstream") for name in needs}
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
+
+
 def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float]:
     """Final metrics and artifacts of a finished stage; returns the metrics."""
     import pandas as pd
@@ -160,7 +169,13 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         schema.BEST_VAL_LOSS: float(result.best_val_loss),
         schema.N_SUBJECTS: float(per_subject["subject_id"].nunique()),
         schema.COMPUTE_SECONDS: float(seconds),
+        # the cost model's inputs (sweeps/simulate.py, --estimate): seconds per epoch run, and
+        # the peak resident memory of the worker process that ran the trial
+        schema.PEAK_RSS_MB: _peak_rss_mb(),
     }
+    epochs = len(result.history or ())
+    if epochs:
+        metrics[schema.SECONDS_PER_EPOCH] = float(seconds) / epochs
     # every other per-subject metric the stage computed (brier, nll, true_ce, ...), as its mean
     for col in per_subject.columns:
         if col in ("subject_id", "fold", "dice", "ece"):
@@ -182,6 +197,10 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         run.set_tags(tags)
     if getattr(result, "splits", None):
         run.log_json(result.splits, schema.SPLITS)
+    if getattr(result, "preview", None):  # one slice of the first test subject, for the report
+        from calib.preview import save_preview
+
+        run.log_artifact(save_preview(result.preview, Path(result.weights).parent / schema.PREVIEW))
     run.log_text(per_subject.to_csv(index=False), schema.PER_SUBJECT)
     run.log_text(result.reliability_bins.to_csv(index=False), schema.RELIABILITY_BINS)
     run.log_artifact(result.weights, schema.WEIGHTS_DIR)

@@ -135,6 +135,14 @@ def test_base_stage_trains_evaluates_and_exports_every_subject(pipeline):
     assert base.params == {"loss": "sd", "protocol": "honest", "init": "pretrain",
                            "fit_split": "train", "stop_split": "val", "kept_epoch": "best"}
     assert base.splits == split.to_dict()
+    # the report's slice figure: the first test subject, its most lesioned axial slice
+    pv = base.preview
+    assert str(pv["subject_id"]) == split.test_ids[0]
+    assert {k: pv[k].shape for k in ("image", "label", "mask", "prob", "true_prob")} == \
+        {k: (24, 24) for k in ("image", "label", "mask", "prob", "true_prob")}
+    full = load_logits(base.extra_artifacts["logits"], split.test_ids[0])
+    z = int(pv["z"])
+    assert pv["label"].sum() == full.label.sum(axis=(0, 1)).max() == full.label[:, :, z].sum()
     assert base.guard is not None and base.guard.n_subjects == len(split.val_ids)
     logits = base.extra_artifacts["logits"]
     index = read_index(logits)

@@ -204,3 +204,26 @@ def test_bad_paper_code_settings_are_one_clear_line(tmp_path, change, expected):
         load_grid(_write(tmp_path, _paper(**change)), require_data=False, env={})
     for part in expected:
         assert part in str(info.value), str(info.value)
+
+
+def test_folds_only_runs_a_subset_of_the_same_split(tmp_path):
+    from sweeps.plan import expand
+
+    full = expand(load_grid("paper", require_data=False, env={}))
+    raw = _paper(folds={"n_folds": 5, "seed": 0, "only": [0, 3]})
+    part = expand(load_grid(_write(tmp_path, raw), require_data=False, env={}))
+    assert {t.fold for t in part.trials} == {0, 3}
+    # the same trials as the full study's, keys included (a pilot's results count for it)
+    assert {t.key for t in part.trials} == {t.key for t in full.trials if t.fold in (0, 3)}
+    with pytest.raises(GridError, match="folds.only: must list distinct folds of 0..4"):
+        load_grid(_write(tmp_path, _paper(folds={"n_folds": 5, "only": [5]})), require_data=False, env={})
+
+
+def test_paper_smoke_grid_is_the_paper_grid_cut_in_size():
+    smoke = load_grid("paper-smoke", require_data=False, env={})
+    paper = load_grid("paper", require_data=False, env={})
+    assert [d.name for d in smoke.datasets] == [d.name for d in paper.datasets]
+    assert smoke.network == paper.network and smoke.preprocessing.shape == paper.preprocessing.shape
+    assert smoke.weights == paper.weights and [m.name for m in smoke.methods] == [m.name for m in paper.methods]
+    assert smoke.folds.run_folds() == (0,)
+    assert {d.phantom.shape for d in smoke.datasets} == {(240, 240, 155), (256, 256, 8)}

@@ -84,7 +84,8 @@ def test_launch_stores_runs_by_the_schema(ray_session, phantom_root, shared_cach
         assert len(client.get_metric_history(r.info.run_id, schema.VAL_LOSS)) == len(steps)
 
         files = _artifact_files(client, r.info.run_id)
-        assert {schema.PER_SUBJECT, schema.RELIABILITY_BINS, schema.TRIAL_CONFIG} <= files
+        assert {schema.PER_SUBJECT, schema.RELIABILITY_BINS, schema.TRIAL_CONFIG, schema.SPLITS,
+                schema.PREVIEW} <= files
         assert any(f.startswith(schema.WEIGHTS_DIR + "/") for f in files)
         if spec.stage == "base":
             assert any(f.startswith(schema.LOGITS_DIR + "/") for f in files)

@@ -268,6 +268,23 @@ class ArtifactReader:
         """``subject_id`` (str), ``bin`` (int), ``count``, ``conf_sum``, ``pos_sum``."""
         return self._read(run, RELIABILITY_FILE, RELIABILITY_COLUMNS, int_columns=("bin",))
 
+    def preview(self, run: TrialRun) -> dict | None:
+        """The run's ``preview.npz`` (calib.preview) as arrays, or None when it has none (runs
+        from before previews were logged)."""
+        dst = self._workdir / run.run_id
+        dst.mkdir(parents=True, exist_ok=True)
+        try:
+            local = self._client.download_artifacts(run.run_id, S.PREVIEW, str(dst))
+        except (MlflowException, OSError):
+            return None
+        import numpy as np
+
+        try:
+            with np.load(local, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"{S.PREVIEW} of {run.describe()} is unreadable: {exc}") from None
+
     def _read(self, run: TrialRun, name: str, required: tuple[str, ...],
               int_columns: tuple[str, ...]) -> pd.DataFrame:
         key = (run.run_id, name)
