@@ -138,7 +138,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
          started: float, out: TextIO, err: TextIO) -> int:
     import ray
 
-    from sweeps.execute import ExecutionSettings, Executor, connect_ray, resource_problems
+    from sweeps.execute import ExecutionSettings, Executor, connect_ray, resource_problems, trial_slots
     from sweeps.summary import degenerate_text, outcome_table
     from tracking.guard import degenerate_models
     from sweeps.trainable import TrialContext
@@ -182,8 +182,10 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
                                      max_failures=grid.execution.max_failures,
                                      max_concurrent=grid.execution.max_concurrent,
                                      stage_runner=opts.stage_runner)
-        outcomes = Executor(plan, client, ctx, settings, done_before, data_errors, out).run()
+        executor = Executor(plan, client, ctx, settings, done_before, data_errors, out)
+        outcomes = executor.run()
         wall = time.monotonic() - started
+        cluster = dict(ray.cluster_resources()) if todo else {}
         ok = _end_sweep(client, parent, outcomes, wall)
         parent_done = True
     except BaseException as exc:
@@ -201,7 +203,8 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
         if started_ray:
             ray.shutdown()
 
-    print("\n" + outcome_table(outcomes, wall), file=out)
+    slots_of = (lambda t: trial_slots(t.resources, cluster, settings.max_concurrent)) if cluster else None
+    print("\n" + outcome_table(outcomes, wall, slots_of, executor.trials_wall), file=out)
     print(degenerate_text(degenerate_models(client, exp_id, plan.by_key)), file=out)
     if opts.report:
         _report(experiment, uri, parent, grid.work_dir / "report", out, err)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from tracking import schema
@@ -116,6 +116,14 @@ def trial_runs_under(client: MlflowClient, experiment_id: str, parent_run_id: st
     return out
 
 
+def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str):
+    """The newest run of ``trial_key`` under ``parent_run_id`` (any status), or None."""
+    filt = (f"tags.`{schema.TRIAL_KEY}` = {_q(trial_key)} and "
+            f"tags.`{schema.PARENT_RUN_ID}` = {_q(parent_run_id)}")
+    found = search_runs(client, experiment_id, filt)
+    return found[0] if found else None
+
+
 def close_stale_runs(client: MlflowClient, experiment_id: str, keep: Iterable[str] = ()) -> list[str]:
     """End every RUNNING sweep or trial run of the experiment as KILLED; their ids.
 
@@ -181,11 +189,8 @@ class TrialRun:
     def open(cls, client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str,
              tags: Mapping[str, str], run_name: str) -> "TrialRun":
         """The run of ``trial_key`` under ``parent_run_id``: found and re-opened, else created."""
-        filt = (f"tags.`{schema.TRIAL_KEY}` = {_q(trial_key)} and "
-                f"tags.`{schema.PARENT_RUN_ID}` = {_q(parent_run_id)}")
-        found = search_runs(client, experiment_id, filt)
-        if found:
-            run = found[0]
+        run = find_trial_run(client, experiment_id, parent_run_id, trial_key)
+        if run is not None:
             run_id = run.info.run_id
             if run.info.status == FINISHED:
                 return cls(client, run_id, reused=True, already_finished=True)
@@ -220,8 +225,9 @@ class TrialRun:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in values.items()])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        """Set ``tags`` in one request (a trial's few tags; MLflow's batch limit is 100)."""
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
