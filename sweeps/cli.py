@@ -26,6 +26,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value:g}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python sweeps/launch.py",
@@ -59,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", help="Ray Tune checkpoint storage; shared by all nodes "
                                           "(default <work-dir>/ray_results)")
     p.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--force-concurrent", action="store_true",
+                   help="start although another launch is live on the experiment; run only the "
+                        "trials it has not claimed (each trial runs in one launch only)")
+    p.add_argument("--lease-timeout", type=_positive_float, default=180.0, metavar="SECONDS",
+                   help="this launch counts as dead (another --resume may take over) once its "
+                        "heartbeat, refreshed every min(30, SECONDS/6) s, is older than this "
+                        "(default 180)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     return p
@@ -82,7 +99,8 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
                          experiment=args.experiment, data_roots=parse_data_roots(args.data_root),
                          search=args.search, max_concurrent=args.max_concurrent,
                          work_dir=args.work_dir, storage_path=args.storage_path,
-                         num_cpus=args.num_cpus, report=not args.no_report, verbose=args.verbose)
+                         num_cpus=args.num_cpus, report=not args.no_report, verbose=args.verbose,
+                         force_concurrent=args.force_concurrent, lease_timeout=args.lease_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,9 +31,11 @@ from typing import TextIO
 
 from sweeps.config import GridConfig, Resources
 from sweeps.plan import Plan, TrialSpec
-from sweeps.trainable import PROGRESS_FILE, RUN_ID_METRIC, STATUS_METRIC, TrialContext, run_trial, trial_tags
+from sweeps.trainable import (ERROR_METRIC, PROGRESS_FILE, RUN_ID_METRIC, STATUS_METRIC, TrialContext, run_trial,
+                              trial_tags)
 
 FINISHED, FAILED, SKIPPED, DONE_BEFORE = "FINISHED", "FAILED", "SKIPPED", "DONE_BEFORE"
+ELSEWHERE = "ELSEWHERE"  # claimed by another live launch (--force-concurrent), or below such a trial
 # Names of the final metrics as a trial reports them to Tune (tracking.schema's).
 DICE_METRIC, ECE_METRIC, COMPUTE_METRIC = "dice_mean", "ece_mean", "compute_seconds"
 
@@ -43,7 +45,7 @@ class Outcome:
     """What became of one planned trial in this launch."""
 
     spec: TrialSpec
-    status: str  # FINISHED | FAILED | SKIPPED | DONE_BEFORE (finished by an earlier launch)
+    status: str  # FINISHED | FAILED | SKIPPED | DONE_BEFORE (finished by another launch) | ELSEWHERE
     run_id: str | None = None
     error: str = ""
     compute_seconds: float = 0.0
@@ -74,6 +76,57 @@ def connect_ray(address: str | None, num_cpus: int | None = None, verbose: bool 
         return False
     ray.init(num_cpus=num_cpus, **kwargs)
     return True
+
+
+def _this_machine_addresses() -> set[str]:
+    """IP addresses and names of this machine (as far as it can tell without a network)."""
+    import socket
+
+    names = {socket.gethostname(), socket.getfqdn(), "localhost"}
+    addresses = set(names)
+    for name in names:
+        try:
+            addresses.update(socket.gethostbyname_ex(name)[2])
+        except OSError:
+            pass
+    try:  # the address of the default route (no packet is sent)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            addresses.add(s.getsockname()[0])
+    except OSError:
+        pass
+    return addresses
+
+
+def is_local_address(address: str | None) -> bool:
+    """True for no address, ``auto``/``local``, or a Ray address whose host is this machine
+    (``127.0.0.1:6379``, ``ray://localhost:10001``, this host's name or IP)."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    if not address or address in ("auto", "local"):
+        return True
+    host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
+    local = _this_machine_addresses()
+    try:
+        candidates = {host, *socket.gethostbyname_ex(host)[2]}
+    except OSError:
+        candidates = {host}
+    for c in candidates:
+        try:
+            if ipaddress.ip_address(c).is_loopback:
+                return True
+        except ValueError:
+            pass
+    return bool(candidates & local)
+
+
+def alive_nodes() -> int:
+    """Alive nodes of the connected Ray cluster."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"])
 
 
 def resource_problems(trials: Iterable[TrialSpec], cluster: Mapping[str, float]) -> list[str]:
@@ -325,23 +378,35 @@ class Executor:
         o = self._settle(spec, result, error)
         self.outcomes[spec.key] = o
         self.done += 1
-        if o.status == FINISHED:
-            extra = ""
-            if DICE_METRIC in result:
+        if o.status in (FINISHED, DONE_BEFORE):
+            extra = f"  ({o.error})" if o.status == DONE_BEFORE else ""
+            if o.status == FINISHED and DICE_METRIC in result:
                 extra = (f"  dice {result[DICE_METRIC]:.3f}  ece {result.get(ECE_METRIC, float('nan')):.4f}"
                          f"  {o.compute_seconds:.1f} s")
-            self.line("FINISHED", spec.label, extra)
-            self.graph.finished(spec.key, o.run_id, o.compute_seconds, spec)
+            self.line("FINISHED" if o.status == FINISHED else "DONE", spec.label, extra)
+            self.graph.finished(spec.key, o.run_id, o.compute_seconds if o.status == FINISHED else None, spec)
+            return
+        if o.status == ELSEWHERE:
+            self.line(ELSEWHERE, spec.label, f"  ({o.error})")
+            for t in self.graph.failed(spec.key):  # left to the launch that runs their upstream
+                self.outcomes[t.key] = Outcome(t, ELSEWHERE, error=f"its upstream {spec.label} is {o.error}")
+                self.done += 1
+                self.line(ELSEWHERE, t.label, "  (its upstream runs elsewhere)")
             return
         self.line("FAILED", spec.label, f"  {o.error[:200]}")
         for t in self.graph.failed(spec.key):
             self._skip(t, f"upstream {self.plan.by_key[t.upstream].label} did not finish")
 
     def _settle(self, spec: TrialSpec, result: Mapping, error: str | None) -> Outcome:
-        """FINISHED when the trial reported its run closed FINISHED; otherwise the MLflow run is
+        """FINISHED when the trial reported its run closed FINISHED; DONE_BEFORE / ELSEWHERE when
+        another launch claimed it (tracking.runs.claimed_elsewhere); otherwise the MLflow run is
         read back and, if a crashed worker left it RUNNING, ended FAILED with Tune's error."""
-        run_id = result.get(RUN_ID_METRIC)
-        if not error and result.get(STATUS_METRIC) == FINISHED and run_id:
+        run_id, status = result.get(RUN_ID_METRIC), result.get(STATUS_METRIC)
+        if not error and run_id and status == f"{FINISHED}_ELSEWHERE":
+            return Outcome(spec, DONE_BEFORE, run_id, error=str(result.get(ERROR_METRIC, "")))
+        if not error and run_id and status == "RUNNING_ELSEWHERE":
+            return Outcome(spec, ELSEWHERE, run_id, error=str(result.get(ERROR_METRIC, "")))
+        if not error and status == FINISHED and run_id:
             return Outcome(spec, FINISHED, run_id, compute_seconds=float(result.get(COMPUTE_METRIC) or 0.0))
         return self._reconcile(spec, error or "")
 

@@ -87,13 +87,13 @@ def busy(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
 def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
                   slots_of: Callable[[TrialSpec], int] | None = None,
                   trials_wall_seconds: float | None = None) -> str:
-    """Finished / failed / skipped / done-before per stage, compute time per stage, wall time,
-    how busy the trial slots were (``slots_of``: a trial -> how many of its kind the cluster
+    """Finished / failed / skipped / done-before (/ elsewhere) per stage, compute time per stage,
+    wall time, how busy the trial slots were (``slots_of``: a trial -> how many of its kind the cluster
     runs at once; :func:`busy`), then one line per failed trial with its error.
 
     ``busy`` is given over the launch's wall time (Ray start, MLflow store and data preparation
     included) and, with ``trials_wall_seconds``, over the Tune run alone."""
-    from sweeps.execute import DONE_BEFORE, FAILED, FINISHED, SKIPPED
+    from sweeps.execute import DONE_BEFORE, ELSEWHERE, FAILED, FINISHED, SKIPPED
 
     stats: dict[str, dict] = {s: defaultdict(float) for s in STAGES}
     for o in outcomes.values():
@@ -103,17 +103,20 @@ def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
         if o.status in (FINISHED, FAILED):
             st["compute"] += o.compute_seconds
     rows, tot = [], defaultdict(float)
+    # Trials another live launch runs (--force-concurrent): a column only when there are some.
+    tot_elsewhere = any(o.status == ELSEWHERE for o in outcomes.values())
     for s in STAGES:
         st = stats[s]
         if not st["planned"]:
             continue
-        for k in ("planned", FINISHED, FAILED, SKIPPED, DONE_BEFORE, "compute"):
+        for k in ("planned", FINISHED, FAILED, SKIPPED, DONE_BEFORE, ELSEWHERE, "compute"):
             tot[k] += st[k]
-        rows.append([s, int(st["planned"]), int(st[FINISHED]), int(st[FAILED]), int(st[SKIPPED]),
-                     int(st[DONE_BEFORE]), duration(st["compute"])])
-    rows.append(["total", int(tot["planned"]), int(tot[FINISHED]), int(tot[FAILED]), int(tot[SKIPPED]),
-                 int(tot[DONE_BEFORE]), duration(tot["compute"])])
-    text = _table(["stage", "planned", "finished", "failed", "skipped", "done before", "compute"], rows)
+        rows.append([s, *(int(st[k]) for k in ("planned", FINISHED, FAILED, SKIPPED, DONE_BEFORE)),
+                     *([int(st[ELSEWHERE])] if tot_elsewhere else []), duration(st["compute"])])
+    rows.append(["total", *(int(tot[k]) for k in ("planned", FINISHED, FAILED, SKIPPED, DONE_BEFORE)),
+                 *([int(tot[ELSEWHERE])] if tot_elsewhere else []), duration(tot["compute"])])
+    text = _table(["stage", "planned", "finished", "failed", "skipped", "done before",
+                   *(["elsewhere"] if tot_elsewhere else []), "compute"], rows)
     text += f"\nwall time {duration(wall_seconds)}, compute time {duration(tot['compute'])} (this launch)"
     ran = [o for o in outcomes.values() if o.status in (FINISHED, FAILED)]
     if slots_of is not None and ran:
@@ -123,6 +126,10 @@ def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
         if trials_wall_seconds:
             text += (f"; {100 * busy(outcomes, trials_wall_seconds, slots_of):.0f} % over the "
                      f"{duration(trials_wall_seconds)} of the Tune run")
+    if tot_elsewhere:
+        text += (f"\n{int(tot[ELSEWHERE])} trials left to another live launch that claimed them "
+                 "(the ELSEWHERE lines name its sweep run); --resume after it ends runs what it "
+                 "did not finish")
     failed = [o for o in outcomes.values() if o.status == FAILED]
     if failed:
         text += "\nfailed trials:"

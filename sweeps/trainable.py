@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -248,6 +249,10 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
     client = make_client(ctx.tracking_uri)
     run = TrialRun.open(client, ctx.experiment_id, ctx.parent_run_id, spec.key, trial_tags(spec),
                         run_name=spec.label)
+    if run.elsewhere:  # another live launch claims this trial key: it is not run here
+        tune.report({schema.BEST_VAL_LOSS: None, STATUS_METRIC: f"{run.elsewhere}_ELSEWHERE",
+                     RUN_ID_METRIC: run.run_id, ERROR_METRIC: run.elsewhere_note})
+        return
     if run.already_finished:  # finished by an earlier attempt that Ray then retried
         metrics = client.get_run(run.run_id).data.metrics
         tune.report({schema.BEST_VAL_LOSS: None,
@@ -260,7 +265,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
     try:  # from here on every way out closes the run (FINISHED or FAILED)
         # Where this attempt runs: on a cluster, the node to look at when a trial misbehaves.
         run.set_tags({schema.NODE_ID: ray.get_runtime_context().get_node_id(),
-                      schema.NODE_IP: ray.util.get_node_ip_address()})
+                      schema.NODE_IP: ray.util.get_node_ip_address(), schema.WORKER_PID: os.getpid()})
         work_dir = scratch / "work"
         work_dir.mkdir()
         before, resumed_epoch = _restore(work_dir, ctx.resume_checkpoints.get(spec.key))
