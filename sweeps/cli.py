@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds; start nothing")
     p.add_argument("--resume", action="store_true",
                    help="run only the trials not FINISHED in the experiment (matched by trial "
-                        "key); close runs of a dead launch as KILLED")
+                        "key); close runs of a dead launch (ended, or its heartbeat older than "
+                        "its --lease-timeout) as KILLED, never those of a live one")
     p.add_argument("--address", help="Ray cluster to connect to (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
                                           "else sqlite:///./mlflow.db)")
