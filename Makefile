@@ -8,7 +8,7 @@ TOOLS_VENV ?= .venv-tools
 STAMP := $(VENV)/.installed-stamp
 TOOLS_STAMP := $(TOOLS_VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench clean latex
+.PHONY: install demo test test-fast bench clean latex smoke-paper
 
 install: $(STAMP) $(TOOLS_STAMP)
 
@@ -35,6 +35,11 @@ $(TOOLS_STAMP):
 demo: $(STAMP)
 	$(PY) sweeps/launch.py --grid demo
 
+# The paper grid at its real size with only its size cut (sweeps/grids/paper-smoke.yaml): paper
+# networks on 136x136x82 volumes of phantoms in the real geometry. Not part of `make test`.
+smoke-paper: $(STAMP)
+	$(PY) sweeps/launch.py --grid paper-smoke
+
 # Every tier: unit, slow (end-to-end sweeps on real Ray + MLflow) and integration
 # (mlflow server on PostgreSQL, two-node Ray). CI runs this.
 test: $(STAMP) $(TOOLS_STAMP) latex
@@ -50,4 +55,4 @@ bench: $(STAMP)
 	$(PY) bench/methods.py
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache mlruns mlflow.db
+	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache mlruns mlflow.db smoke_store smoke_data

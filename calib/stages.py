@@ -5,19 +5,36 @@ when present, so a retried trial continues mid-training and a finished one retur
 writes its weights into ``work_dir``, evaluates on the split's test fold and returns a
 :class:`StageResult`. Nothing here knows about Ray or MLflow.
 
-Protocols (:func:`make_split`):
+Protocols (:func:`make_split`), who fits on what within one fold (test = the held-out fold):
 
-* ``"paper"`` -- as the paper's public code: early stopping (of every stage) watches the
-  held-out evaluation fold itself, so that fold also selects the epoch it is scored on;
-* ``"honest"`` (default) -- a validation split is carved out of the training folds (seeded);
-  the evaluation fold is not looked at until evaluation.
+=============  ======================  =====================  ======================  ==========
+protocol       base model trains on    early stopping on      post hoc calibrators    epoch kept
+=============  ======================  =====================  ======================  ==========
+``honest``     ``train``               ``val``                ``calib``               best val
+``two_way``    ``train``               ``val``                ``train``               best val
+``paper``      the training folds      the held-out fold      the training folds      last
+=============  ======================  =====================  ======================  ==========
+
+* ``honest`` (default): the training pool (the other folds) is split, seeded by (seed, fold), into
+  ``train`` (fits the base model), ``val`` (early stopping and the kept epoch of every stage) and
+  ``calib`` (fits the post hoc calibrators: every map of the base output and fine-tuning). MC
+  dropout retrains the network, so it trains on ``train`` and stops on ``val`` like the base model.
+  No stage sees the test fold before it is scored.
+* ``two_way``: the previous default, kept for comparison: ``val`` carved out of the pool, the rest
+  ``train``; calibrators are fitted on the base model's own training subjects.
+* ``paper``: what the paper's public code does: every stage trains on the training folds, early
+  stopping watches the held-out fold itself, and the weights of the last epoch run are kept
+  (the public code predicts with its end-of-training weights).
+
+Every stage records the split each part used (``StageResult.params["fit_split"]``) and the
+subject ids of each split (``StageResult.splits``, logged as ``splits.json``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +43,8 @@ import pandas as pd
 import torch
 
 from calib.evaluate import evaluate_subjects
+from calib.guard import GuardReport, check_degenerate
+from calib.preview import keep_first_preview
 from calib.logits import export_logits
 from calib.losses import LOSSES
 from calib.methods import SubjectSet, build_method
@@ -35,7 +54,8 @@ from calib.methods.volumes import VolumeBatches
 from calib.nets import UNet3D, UNetConfig
 from calib.training import EpochResult, FitResult, TrainConfig, fit
 
-PROTOCOLS = ("honest", "paper")
+PROTOCOLS = ("honest", "two_way", "paper")
+SPLITS = ("train", "val", "calib", "test")
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "weights.pt"
 METHOD_NAME = "method.pt"
@@ -50,7 +70,12 @@ class StageError(ValueError):
 
 @dataclass(frozen=True)
 class FoldSplit:
-    """Subjects of one cross-validation fold: train (fit), val (early stopping), test (scored)."""
+    """Subjects of one cross-validation fold by role (module doc): ``train`` fits the base model,
+    ``val`` early-stops every stage, ``calib`` fits the post hoc calibrators, ``test`` is scored.
+
+    Under ``paper`` val is the test fold and calib the training folds; under ``two_way`` calib is
+    train. ``restore_best``: keep the best validation epoch (False under ``paper``: the last).
+    """
 
     cache_dir: Path
     fold: int
@@ -58,25 +83,69 @@ class FoldSplit:
     val_ids: tuple[str, ...]
     test_ids: tuple[str, ...]
     protocol: str
+    calib_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.calib_ids:  # two-way splits built by hand: calibrators fit on train
+            object.__setattr__(self, "calib_ids", self.train_ids)
+
+    @property
+    def restore_best(self) -> bool:
+        return self.protocol != "paper"
+
+    @property
+    def stop_split(self) -> str:
+        """The split early stopping watches, by its role: ``test`` under ``paper``, else ``val``."""
+        return "test" if self.protocol == "paper" else "val"
+
+    def describe(self, fit_split: str) -> dict[str, str]:
+        """What a stage that fits on ``fit_split`` used, for the run's params and tags."""
+        return {"fit_split": fit_split, "stop_split": self.stop_split,
+                "kept_epoch": "best" if self.restore_best else "last"}
+
+    def ids(self, which: str) -> tuple[str, ...]:
+        """The subject ids of split ``which`` (one of :data:`SPLITS`)."""
+        table = {"train": self.train_ids, "val": self.val_ids, "calib": self.calib_ids,
+                 "test": self.test_ids}
+        if which not in table:
+            raise StageError(f"unknown split {which!r}{closest(which, SPLITS)}; valid choices: "
+                             f"{', '.join(SPLITS)}")
+        return table[which]
 
     def all_ids(self) -> tuple[str, ...]:
-        """train + val + test, each subject once (val == test under the paper protocol)."""
-        return tuple(dict.fromkeys(self.train_ids + self.val_ids + self.test_ids))
+        """train + val + calib + test, each subject once."""
+        return tuple(dict.fromkeys(self.train_ids + self.val_ids + self.calib_ids + self.test_ids))
 
     def subjects(self, which: str, logits_dir: Path | None = None) -> SubjectSet:
-        """``"train"``, ``"val"`` or ``"test"`` as a :class:`SubjectSet`."""
-        ids = {"train": self.train_ids, "val": self.val_ids, "test": self.test_ids}[which]
-        return SubjectSet(ids, cache_dir=self.cache_dir, logits_dir=logits_dir)
+        """Split ``which`` (``"train"``, ``"val"``, ``"calib"`` or ``"test"``) as a SubjectSet."""
+        return SubjectSet(self.ids(which), cache_dir=self.cache_dir, logits_dir=logits_dir)
+
+    def to_dict(self) -> dict:
+        """``splits.json``: the protocol, the fold and the subject ids of every split."""
+        return {"protocol": self.protocol, "fold": self.fold,
+                **{name: list(self.ids(name)) for name in SPLITS}}
+
+
+def _draw(pool: tuple[str, ...], n: int, rng: np.random.Generator) -> tuple[tuple, tuple]:
+    """``n`` subjects of ``pool`` drawn with ``rng`` (pool order kept), and the rest."""
+    chosen = set(rng.choice(len(pool), n, replace=False).tolist())
+    return (tuple(s for i, s in enumerate(pool) if i in chosen),
+            tuple(s for i, s in enumerate(pool) if i not in chosen))
 
 
 def make_split(cache_dir: Path, folds: Mapping[int, Sequence[str]], fold: int,
-               protocol: str = "honest", seed: int = 0, val_fraction: float = 0.2) -> FoldSplit:
+               protocol: str = "honest", seed: int = 0, val_fraction: float = 0.2,
+               calib_fraction: float = 0.2) -> FoldSplit:
     """The split of ``fold`` under ``protocol`` (see the module doc).
 
     ``folds`` maps fold number -> subject ids (:func:`calib.data.make_folds`). The test fold is
-    ``folds[fold]``; the training pool is every other fold. ``paper``: val = test.
-    ``honest``: ``round(val_fraction * pool)`` subjects (at least 1) drawn from the pool with
-    ``seed`` and ``fold`` become val, the rest train -- the same for every stage of the fold.
+    ``folds[fold]``; the training pool is every other fold. ``honest``: ``round(val_fraction *
+    pool)`` subjects become val and ``round(calib_fraction * pool)`` calib (at least one each, and
+    at least one left to train), drawn with an RNG seeded by ``(seed, fold)`` -- so every stage of
+    a fold sees the same split. ``two_way``: the same val draw, calib = train. ``paper``: train =
+    calib = pool, val = test.
+
+    Raises StageError naming the fold when the pool is too small for the protocol.
     """
     if protocol not in PROTOCOLS:
         raise StageError(f"unknown protocol {protocol!r}{closest(protocol, PROTOCOLS)}; "
@@ -92,17 +161,35 @@ def make_split(cache_dir: Path, folds: Mapping[int, Sequence[str]], fold: int,
     if overlap:
         raise StageError(f"fold {fold}: subjects in more than one fold: {sorted(overlap)[:5]}")
     if protocol == "paper":
-        return FoldSplit(Path(cache_dir), fold, pool, test, test, protocol)
-    if not 0 < val_fraction < 1:
-        raise StageError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    if len(pool) < 2:
-        raise StageError(f"fold {fold}: the honest protocol needs >= 2 training subjects to carve a "
-                         f"validation split, got {len(pool)}")
-    n_val = min(len(pool) - 1, max(1, round(val_fraction * len(pool))))
-    chosen = set(np.random.default_rng([seed, fold]).choice(len(pool), n_val, replace=False).tolist())
-    val = tuple(s for i, s in enumerate(pool) if i in chosen)
-    train = tuple(s for i, s in enumerate(pool) if i not in chosen)
-    return FoldSplit(Path(cache_dir), fold, train, val, test, protocol)
+        return FoldSplit(Path(cache_dir), fold, pool, test, test, protocol, calib_ids=pool)
+    for name, value in (("val_fraction", val_fraction), ("calib_fraction", calib_fraction)):
+        if not 0 < value < 1:
+            raise StageError(f"{name} must be in (0, 1), got {value!r}")
+    three_way = protocol == "honest"
+    if three_way and val_fraction + calib_fraction >= 1:
+        raise StageError(f"val_fraction + calib_fraction must be below 1 (something must be left "
+                         f"to train on), got {val_fraction} + {calib_fraction}")
+    need = 3 if three_way else 2
+    if len(pool) < need:
+        parts = "train, val and calib" if three_way else "train and val"
+        raise StageError(f"fold {fold}: the {protocol} protocol needs >= {need} subjects in the "
+                         f"training pool (at least one each for {parts}), got {len(pool)}: use "
+                         f"more subjects or fewer folds")
+    n_val = max(1, round(val_fraction * len(pool)))
+    n_calib = max(1, round(calib_fraction * len(pool))) if three_way else 0
+    while n_val + n_calib > len(pool) - 1:  # tiny pools: keep at least one training subject
+        if n_calib > 1 and n_calib >= n_val:
+            n_calib -= 1
+        else:
+            n_val -= 1
+    rng = np.random.default_rng([seed, fold])
+    # val is drawn first and the same way as in the two-way protocol, so honest and two_way
+    # early-stop on the same subjects and differ only in what the calibrators fit on
+    val, rest = _draw(pool, n_val, rng)
+    if not three_way:
+        return FoldSplit(Path(cache_dir), fold, rest, val, test, protocol, calib_ids=rest)
+    calib, train = _draw(rest, n_calib, rng)
+    return FoldSplit(Path(cache_dir), fold, train, val, test, protocol, calib_ids=calib)
 
 
 @dataclass
@@ -110,9 +197,11 @@ class StageResult:
     """What a stage hands back to the sweep.
 
     ``weights``: the stage's model file; ``per_subject`` / ``reliability_bins``: the test fold's
-    evaluation (columns as INTERFACES.md); ``history``: the EpochResults; ``extra_artifacts``:
+    evaluation (columns as ``calib.evaluate``); ``history``: the EpochResults; ``extra_artifacts``:
     more files by name (``"logits"`` for the base stage); ``params``: resolved settings worth
-    recording (protocol, loss, method parameters, learned scalars).
+    recording (protocol, fit split, loss, method parameters, learned scalars); ``splits``: the
+    fold's subject ids by split (``splits.json``); ``guard``: the degenerate-model guard's
+    report on the validation subjects (base stage only; :mod:`calib.guard`).
     """
 
     weights: Path
@@ -123,6 +212,14 @@ class StageResult:
     history: list
     extra_artifacts: dict[str, Path] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    splits: dict[str, Any] = field(default_factory=dict)
+    guard: GuardReport | None = None
+    preview: dict[str, np.ndarray] = field(default_factory=dict)  # calib.preview, first test subject
+
+    @property
+    def degenerate(self) -> str | None:
+        """Why the base model is degenerate (:mod:`calib.guard`), or None."""
+        return None if self.guard is None else self.guard.reason
 
 
 def _sha256(path: Path) -> str:
@@ -135,8 +232,10 @@ def _sha256(path: Path) -> str:
 
 def _train_unet(model: UNet3D, loss: str, train_cfg: TrainConfig, split: FoldSplit,
                 work_dir: Path, device: torch.device, callbacks: Sequence[Callback]) -> FitResult:
-    """Train every weight of ``model`` with ``loss`` on whole-volume batches of the split."""
+    """Train every weight of ``model`` with ``loss`` on whole-volume batches of ``train``, early
+    stopping on ``val``; the protocol decides which epoch is kept."""
     loss_fn = LOSSES[loss]
+    train_cfg = replace(train_cfg, restore_best=split.restore_best)
 
     def step_loss(module: UNet3D, batch: dict) -> torch.Tensor:
         return loss_fn(module(batch["image"], mask=batch["mask"]), batch["label"], batch["mask"])
@@ -151,11 +250,13 @@ def _train_unet(model: UNet3D, loss: str, train_cfg: TrainConfig, split: FoldSpl
 def _finish_unet_stage(model: UNet3D, result: FitResult, split: FoldSplit, work_dir: Path,
                        device: torch.device, params: dict) -> StageResult:
     weights = save_weights(model.cpu(), Path(work_dir) / WEIGHTS_NAME)
-    per_subject, bins = evaluate_subjects(lambda s: unet_probability(model, s, device),
-                                          split.subjects("test"), split.fold)
+    preview: dict = {}
+    predict = keep_first_preview(lambda s: unet_probability(model, s, device), preview)
+    per_subject, bins = evaluate_subjects(predict, split.subjects("test"), split.fold)
     model.cpu()
+    params = {**params, **split.describe("train")}
     return StageResult(weights, per_subject, bins, result.best_val_loss, result.epochs_run,
-                       list(result.history), {}, params)
+                       list(result.history), {}, params, split.to_dict(), preview=preview)
 
 
 def run_pretrain(net_cfg: UNetConfig, train_cfg: TrainConfig, split: FoldSplit, work_dir: Path,
@@ -181,8 +282,9 @@ def run_base(weights: str, net_cfg: UNetConfig, train_cfg: TrainConfig, split: F
 
     ``CE``: continue CE from the pre-trained ``init_weights``; ``CE-SD``: continue with soft Dice
     from them; ``SD``: soft Dice from scratch (``init_weights`` must be None). Evaluates on the test
-    fold and writes the logits of train + val + test subjects (float16) into
-    ``work_dir/logits`` -> ``extra_artifacts["logits"]``.
+    fold, writes the logits of every subject of the fold (train, val, calib, test; float16) into
+    ``work_dir/logits`` -> ``extra_artifacts["logits"]`` and guards the model on its validation
+    subjects (``StageResult.guard``).
     """
     if weights not in BASE_RECIPES:
         raise StageError(f"unknown base weights {weights!r}{closest(weights, BASE_WEIGHTS)}; "
@@ -211,14 +313,24 @@ def run_base(weights: str, net_cfg: UNetConfig, train_cfg: TrainConfig, split: F
                            torch.device(device), source={"weights_sha256": _sha256(stage.weights)})
     model.cpu()
     stage.extra_artifacts["logits"] = logits
+    stage.guard = guard_model(logits, split.val_ids)
     return stage
+
+
+def guard_model(logits_dir: Path, subject_ids: Sequence[str]) -> GuardReport:
+    """The degenerate-model guard (:func:`calib.guard.check_degenerate`) on exported logits."""
+    refs = SubjectSet(tuple(subject_ids), logits_dir=Path(logits_dir))
+    return check_degenerate((r.logits, r.label, r.mask) for r in refs)
 
 
 def run_calibrate(method: str, params: Mapping[str, Any] | None, weights: str,
                   net_cfg: UNetConfig, train_cfg: TrainConfig, split: FoldSplit,
                   base_weights: Path, base_logits: Path | None, work_dir: Path,
                   device: torch.device, callbacks: Sequence[Callback] = ()) -> StageResult:
-    """Fit calibration ``method`` on the split's train/val subjects and evaluate it on test.
+    """Fit calibration ``method`` and evaluate it on the test fold.
+
+    Post hoc methods fit on the split's ``calib`` subjects, retrainings of the network (MC
+    dropout) on ``train`` (the method's ``fit_split``); both early-stop on ``val``.
 
     Logit-based methods read ``base_logits`` (the base stage's export) only; network-based ones
     start from ``base_weights``. ``train_cfg`` gives the schedule (max_epochs, patience, factor,
@@ -229,20 +341,24 @@ def run_calibrate(method: str, params: Mapping[str, Any] | None, weights: str,
     work_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     calibrator = build_method(method, params, weights=weights, net_cfg=net_cfg,
-                              base_weights=base_weights, schedule=train_cfg)
+                              base_weights=base_weights,
+                              schedule=replace(train_cfg, restore_best=split.restore_best))
     logits_dir = None
     if calibrator.uses == "logits":
         if base_logits is None:
             raise StageError(f"method {method!r} trains on the base logits: base_logits is required")
         logits_dir = Path(base_logits)
-    train, val = split.subjects("train", logits_dir), split.subjects("val", logits_dir)
-    result = calibrator.fit(train, val, device, callbacks, work_dir / CHECKPOINT_NAME)
+    fit_on = calibrator.fit_split
+    fit_set, val = split.subjects(fit_on, logits_dir), split.subjects("val", logits_dir)
+    result = calibrator.fit(fit_set, val, device, callbacks, work_dir / CHECKPOINT_NAME)
     saved = calibrator.save(work_dir / METHOD_NAME)
-    per_subject, bins = evaluate_subjects(lambda s: calibrator.predict_proba(s, device),
-                                          split.subjects("test", logits_dir), split.fold)
+    preview: dict = {}
+    predict = keep_first_preview(lambda s: calibrator.predict_proba(s, device), preview)
+    per_subject, bins = evaluate_subjects(predict, split.subjects("test", logits_dir), split.fold)
     recorded = {"method": method, "weights": weights, "protocol": split.protocol,
+                **split.describe(fit_on),
                 **calibrator.params, **calibrator.describe()}
     if hasattr(calibrator, "loss_name"):
         recorded["loss"] = calibrator.loss_name()
     return StageResult(saved, per_subject, bins, result.best_val_loss, result.epochs_run,
-                       list(result.history), {}, recorded)
+                       list(result.history), {}, recorded, split.to_dict(), preview=preview)

@@ -26,7 +26,10 @@ import yaml
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
 STAGES = ("pretrain", "base", "calibrate")
-PROTOCOLS = ("honest", "paper")
+PROTOCOLS = ("honest", "two_way", "paper")
+NORMALISATIONS = ("subject", "fixed")
+#: ``folds.file: paper``: the published folds of the paper's public code (calib.data).
+PAPER_FOLDS = "paper"
 SEARCHES = ("grid", "optuna")
 NETWORK_PRESETS = ("paper", "tiny")
 #: Environment variable holding the data root when neither the grid nor --data-root names one.
@@ -99,15 +102,27 @@ class Preprocessing:
 
     spacing: float = 2.0
     shape: tuple[int, int, int] = (136, 136, 82)
+    normalisation: str = "subject"  # or "fixed": the public code's shift/scale per modality
 
 
 @dataclass(frozen=True)
 class Folds:
-    """Cross-validation folds: seeded (calib.data.make_folds) or read from ``file``."""
+    """Cross-validation folds: seeded (calib.data.make_folds) or read from ``file`` (a path, or
+    :data:`PAPER_FOLDS` for the public code's published case lists)."""
 
     n_folds: int = 5
     seed: int = 0
-    file: Path | None = None
+    file: Path | str | None = None
+    #: The folds whose trials run (default all): a smoke run or a pilot runs one fold of the
+    #: same K-fold split, so its trials and their keys are those of the full study.
+    only: tuple[int, ...] = ()
+
+    def run_folds(self) -> tuple[int, ...]:
+        return self.only or tuple(range(self.n_folds))
+
+    @property
+    def is_paper(self) -> bool:
+        return self.file == PAPER_FOLDS
 
 
 @dataclass(frozen=True)
@@ -117,7 +132,12 @@ class Network:
     preset: str = "paper"
     levels: int = 3  # tiny only
     base: int = 4  # tiny only
+    #: L2 penalty on the conv kernels per dataset (Keras ``l2``; calib.training.TrainConfig);
+    #: the public code: 1e-5 on the BraTS net, 0 on ISLES. Missing datasets: 0.
+    weight_decay: Mapping[str, float] = field(default_factory=frozen_map)
 
+    def weight_decay_for(self, dataset: str) -> float:
+        return float(self.weight_decay.get(dataset, 0.0))
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -190,6 +210,7 @@ class GridConfig:
     execution: Execution
     work_dir: Path
     val_fraction: float = 0.2
+    calib_fraction: float = 0.2
 
     def dataset(self, name: str) -> DatasetSpec:
         return next(d for d in self.datasets if d.name == name)
@@ -218,16 +239,20 @@ class GridConfig:
             "seed": self.seed,
             "protocol": self.protocol,
             "val_fraction": self.val_fraction,
+            "calib_fraction": self.calib_fraction,
             "work_dir": str(self.work_dir),
             "datasets": {d.name: phantom(d) for d in self.datasets},
             "data": {"roots": {d.name: None if d.root is None else str(d.root) for d in self.datasets},
                      "cache": str(self.cache_dir)},
             "preprocessing": {"spacing": self.preprocessing.spacing,
-                              "shape": list(self.preprocessing.shape)},
+                              "shape": list(self.preprocessing.shape),
+                              "normalisation": self.preprocessing.normalisation},
             "folds": {"n_folds": self.folds.n_folds, "seed": self.folds.seed,
-                      "file": None if self.folds.file is None else str(self.folds.file)},
+                      "file": None if self.folds.file is None else str(self.folds.file),
+                      "only": list(self.folds.only) or None},
             "network": {"preset": self.network.preset, "levels": self.network.levels,
-                        "base": self.network.base},
+                        "base": self.network.base,
+                        "weight_decay": dict(self.network.weight_decay)},
             "weights": list(self.weights),
             "training": {s: dict(v) for s, v in self.training.items()},
             "methods": {m.name: {"params": dict(m.params), "lr": lr(m)} for m in self.methods},

@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sweeps.config import (DATA_ROOT_ENV, NETWORK_PRESETS, PROTOCOLS, SCHEDULE_KEYS, SEARCHES, STAGES,
+from sweeps.config import (DATA_ROOT_ENV, NETWORK_PRESETS, NORMALISATIONS, PAPER_FOLDS, PROTOCOLS, SCHEDULE_KEYS, SEARCHES, STAGES,
                            TRAIN_KEYS, WEIGHTS, DatasetSpec, Execution, Folds, GridConfig, GridError,
                            MethodSpec, Network, Overrides, PhantomSpec, Preprocessing, Resources,
                            Search, closest, frozen_map, resolved_method_params)
 
-_TOP_KEYS = ("name", "seed", "protocol", "val_fraction", "work_dir", "datasets", "data",
+_TOP_KEYS = ("name", "seed", "protocol", "val_fraction", "calib_fraction", "work_dir", "datasets", "data",
              "preprocessing", "folds", "network", "weights", "training", "methods", "search",
              "resources", "execution")
 
@@ -96,6 +96,10 @@ class GridParser:
         val_fraction = self.number(top.get("val_fraction", 0.2), "val_fraction", positive=True)
         if val_fraction >= 1:
             self.fail("val_fraction", f"must be < 1, got {val_fraction}")
+        calib_fraction = self.number(top.get("calib_fraction", 0.2), "calib_fraction", positive=True)
+        if protocol == "honest" and val_fraction + calib_fraction >= 1:
+            self.fail("calib_fraction", f"val_fraction + calib_fraction must be < 1 (the rest "
+                      f"trains the base model), got {val_fraction} + {calib_fraction}")
         work_dir = self.path_of(self.ov.work_dir or top.get("work_dir", "calib_store"))
 
         from calib.data import SUPPORTED_DATASETS  # the data room owns the list
@@ -111,19 +115,28 @@ class GridParser:
                          for n in ds_names)
         cache_dir = self.path_of(data["cache"]) if data.get("cache") else work_dir / "cache"
 
-        pre = self.section(top.get("preprocessing"), "preprocessing", ("spacing", "shape"))
+        pre = self.section(top.get("preprocessing"), "preprocessing", ("spacing", "shape", "normalisation"))
         preprocessing = Preprocessing(
             spacing=self.number(pre.get("spacing", 2.0), "preprocessing.spacing", positive=True),
-            shape=self.shape(pre.get("shape", [136, 136, 82]), "preprocessing.shape"))
+            shape=self.shape(pre.get("shape", [136, 136, 82]), "preprocessing.shape"),
+            normalisation=self.choice(pre.get("normalisation", "subject"), "preprocessing.normalisation",
+                                      NORMALISATIONS, "normalisation"))
 
-        fo = self.section(top.get("folds"), "folds", ("n_folds", "seed", "file"))
+        fo = self.section(top.get("folds"), "folds", ("n_folds", "seed", "file", "only"))
         folds = Folds(n_folds=self.number(fo.get("n_folds", 5), "folds.n_folds", integer=True, minimum=2),
                       seed=self.number(fo.get("seed", 0), "folds.seed", integer=True, minimum=0),
-                      file=self.path_of(fo["file"]) if fo.get("file") else None)
-        if folds.file is not None and not folds.file.is_file():
-            self.fail("folds.file", f"{folds.file} does not exist")
+                      file=self.folds_file(fo.get("file")))
+        if fo.get("only") is not None:
+            only = fo["only"] if isinstance(fo["only"], Sequence) and not isinstance(fo["only"], str) else [fo["only"]]
+            only = tuple(self.number(v, "folds.only", integer=True, minimum=0) for v in only)
+            bad = [f for f in only if f >= folds.n_folds]
+            if bad or not only or len(set(only)) != len(only):
+                self.fail("folds.only", f"must list distinct folds of 0..{folds.n_folds - 1}, got {list(only)}")
+            folds = Folds(folds.n_folds, folds.seed, folds.file, tuple(sorted(only)))
+        if folds.is_paper and folds.n_folds != 5:
+            self.fail("folds.n_folds", f"the paper's folds are 5, got {folds.n_folds}")
 
-        network = self.network(top.get("network", "paper"))
+        network = self.network(top.get("network", "paper"), ds_names, SUPPORTED_DATASETS)
         weights = self.names(top.get("weights", list(WEIGHTS)), "weights", WEIGHTS, "weights")
         training = self.training(top.get("training"), seed)
         methods = self.methods(top.get("methods"), weights, datasets[0].name)
@@ -135,7 +148,7 @@ class GridParser:
                           datasets=datasets, cache_dir=cache_dir, preprocessing=preprocessing,
                           folds=folds, network=network, weights=weights, training=training,
                           methods=methods, search=search, execution=execution, work_dir=work_dir,
-                          val_fraction=val_fraction)
+                          val_fraction=val_fraction, calib_fraction=calib_fraction)
 
     def dataset_names(self, value: Any, supported: Sequence[str]) -> tuple[tuple[str, ...], dict]:
         """``datasets: [brats18]`` or ``datasets: {brats18: {phantom: {...}}}``."""
@@ -190,14 +203,34 @@ class GridParser:
                 raise GridError(f"data root for dataset {d.name!r} does not exist: {d.root} "
                                 f"(pass --data-root or set ${DATA_ROOT_ENV})")
 
-    def network(self, value: Any) -> Network:
+    def folds_file(self, value: Any) -> Path | str | None:
+        """``folds.file``: a JSON path that must exist, or ``paper`` (the published folds)."""
+        if not value:
+            return None
+        if value == PAPER_FOLDS:
+            return PAPER_FOLDS
+        path = self.path_of(value)
+        if not path.is_file():
+            self.fail("folds.file", f"{path} does not exist (or use {PAPER_FOLDS!r} for the "
+                      "folds of the paper's public code)")
+        return path
+
+    def network(self, value: Any, datasets: Sequence[str], supported: Sequence[str]) -> Network:
         if isinstance(value, str):
             return Network(preset=self.choice(value, "network", NETWORK_PRESETS, "network preset"))
-        net = self.section(value, "network", ("preset", "levels", "base"))
+        net = self.section(value, "network", ("preset", "levels", "base", "weight_decay"))
+        wd = net.get("weight_decay", 0.0)
+        if isinstance(wd, Mapping):  # per dataset (datasets the grid does not run are ignored)
+            self.section(wd, "network.weight_decay", supported)
+            decay = {d: self.number(v, f"network.weight_decay.{d}", minimum=0)
+                     for d, v in wd.items() if d in datasets}
+        else:
+            decay = {d: self.number(wd, "network.weight_decay", minimum=0) for d in datasets}
         return Network(
             preset=self.choice(net.get("preset", "paper"), "network.preset", NETWORK_PRESETS, "network preset"),
             levels=self.number(net.get("levels", 3), "network.levels", integer=True, minimum=2),
-            base=self.number(net.get("base", 4), "network.base", integer=True, minimum=1))
+            base=self.number(net.get("base", 4), "network.base", integer=True, minimum=1),
+            weight_decay=frozen_map({d: v for d, v in decay.items() if v}))
 
     def training(self, value: Any, seed: int) -> Mapping[str, Mapping[str, Any]]:
         from calib.training import TrainConfig

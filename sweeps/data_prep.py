@@ -66,7 +66,7 @@ def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) 
 
     Raises calib.data.DataError (a message naming the file or subject) when the data are unusable.
     """
-    from calib.data import make_folds, preprocess_dataset, read_folds, read_meta
+    from calib.data import make_folds, paper_folds_file, preprocess_dataset, read_folds, read_meta
 
     spec = grid.dataset(dataset)
     if spec.root is None:
@@ -74,9 +74,12 @@ def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) 
     if spec.phantom is not None:
         ensure_phantoms(spec)
     cache = preprocess_dataset(dataset, spec.root, grid.cache_dir, spacing=grid.preprocessing.spacing,
-                               shape=grid.preprocessing.shape, workers=workers, progress=False)
+                               shape=grid.preprocessing.shape, workers=workers, progress=False,
+                               normalisation=grid.preprocessing.normalisation)
     subjects = list(read_meta(cache)["subjects"])
-    if grid.folds.file is not None:
+    if grid.folds.is_paper:  # the public code's published case lists; other ids: one clear error
+        folds = read_folds(paper_folds_file(dataset), subjects)
+    elif grid.folds.file is not None:
         folds = read_folds(grid.folds.file, subjects)
     else:
         folds = make_folds(subjects, grid.folds.n_folds, grid.folds.seed)

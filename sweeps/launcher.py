@@ -139,7 +139,8 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     import ray
 
     from sweeps.execute import ExecutionSettings, Executor, connect_ray, resource_problems
-    from sweeps.summary import outcome_table
+    from sweeps.summary import degenerate_text, outcome_table
+    from tracking.guard import degenerate_models
     from sweeps.trainable import TrialContext
     from tracking import runs as tr
     from tracking.store import client as make_client, get_or_create_experiment, ui_command
@@ -201,6 +202,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
             ray.shutdown()
 
     print("\n" + outcome_table(outcomes, wall), file=out)
+    print(degenerate_text(degenerate_models(client, exp_id, plan.by_key)), file=out)
     if opts.report:
         _report(experiment, uri, parent, grid.work_dir / "report", out, err)
     print(f"\nbrowse the runs: {ui_command(uri)}", file=out, flush=True)
@@ -259,11 +261,20 @@ def _report(experiment: str, uri: str, parent: str, out_dir: Path, out: TextIO, 
     except ImportError:
         print("report: tracking.report is not available; skipped", file=out)
         return
+    import warnings
+
+    from tracking.report import ReportWarning
+
     try:
-        outcome = build_report(experiment, out_dir, tracking_uri=uri, sweep_run=parent, scope="experiment")
+        with warnings.catch_warnings():  # printed below, once each, without a stack line
+            warnings.simplefilter("ignore", ReportWarning)
+            outcome = build_report(experiment, out_dir, tracking_uri=uri, sweep_run=parent,
+                                   scope="experiment")
     except Exception as exc:  # noqa: BLE001 - a report problem must not hide the sweep's result
         print(f"report: failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=err)
         return
     print(f"report: {out_dir} ({len(outcome.files)} files)", file=out)
     for w in outcome.warnings[:5]:
         print(f"report warning: {w}", file=out)
+    if len(outcome.warnings) > 5:
+        print(f"report: {len(outcome.warnings) - 5} more warning(s) in {out_dir / 'report.md'}", file=out)

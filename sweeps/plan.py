@@ -167,10 +167,21 @@ def _data_payload(grid: GridConfig, dataset: str) -> dict:
         "phantom": _jsonable(ds.phantom) if ds.phantom else None,
         "preprocessing": _jsonable(grid.preprocessing),
         "folds": {"n_folds": grid.folds.n_folds, "seed": grid.folds.seed,
-                  "file_sha256": _file_digest(grid.folds.file) if grid.folds.file else None},
+                  "file_sha256": _folds_digest(grid, dataset)},
         "protocol": grid.protocol,
         "val_fraction": grid.val_fraction,
+        "calib_fraction": grid.calib_fraction,
     }
+
+
+def _folds_digest(grid: GridConfig, dataset: str) -> str | None:
+    if grid.folds.file is None:
+        return None
+    if grid.folds.is_paper:
+        from calib.data import paper_folds_file
+
+        return _file_digest(paper_folds_file(dataset))
+    return _file_digest(grid.folds.file)
 
 
 # ---- expansion -----------------------------------------------------------------------------------
@@ -213,8 +224,11 @@ def expand(grid: GridConfig) -> Plan:
             return t
 
         # Pretrain / base LRs live in their training config: only calibration has an LR axis.
-        train = {s: dict(grid.training[s], seed=grid.seed) for s in grid.training}
-        for fold in range(grid.folds.n_folds):
+        # The network's L2 penalty goes with it into every stage that trains U-Net layers.
+        decay = grid.network.weight_decay_for(ds)
+        train = {s: dict(grid.training[s], seed=grid.seed, **({"weight_decay": decay} if decay else {}))
+                 for s in grid.training}
+        for fold in grid.folds.run_folds():
             pre = None
             if any(w in ("CE", "CE-SD") for w in grid.weights):
                 pre = make("pretrain", "CE", "pretrain", fold, None, {}, None, 0,

@@ -53,7 +53,8 @@ def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[
     cfg = spec.config
     folds = {int(k): list(v) for k, v in data["folds"].items()}
     split = make_split(Path(data["cache_dir"]), folds, spec.fold, protocol=cfg["data"]["protocol"],
-                       seed=cfg["seed"], val_fraction=cfg["data"]["val_fraction"])
+                       seed=cfg["seed"], val_fraction=cfg["data"]["val_fraction"],
+                       calib_fraction=cfg["data"].get("calib_fraction", 0.2))
     net_cfg = _net_config(spec)
     if spec.stage == "pretrain":
         return run_pretrain(net_cfg, TrainConfig(**cfg["train"]), split, work_dir, device, callbacks)

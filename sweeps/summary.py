@@ -103,3 +103,14 @@ def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float) -> str
         if len(failed) > 20:
             text += f"\n  ... and {len(failed) - 20} more (MLflow tag calib.error)"
     return text
+
+
+def degenerate_text(models: list[dict]) -> str:
+    """The launch summary's list of base models the degenerate-model guard flagged (calib.guard):
+    the report leaves them and their calibrations out of its tables."""
+    if not models:
+        return "degenerate base models: none (calib.guard)"
+    lines = [f"degenerate base models: {len(models)} (left out of the report's tables)"]
+    for m in models:
+        lines.append(f"  {m['dataset']}/{m['weights']} fold {m['fold']} (run {m['run_id']}): {m['reason']}")
+    return "\n".join(lines)

@@ -147,8 +147,19 @@ def _fetch_upstream(client, ctx: TrialContext, spec: TrialSpec, needs, scratch: 
     return {name: fetch_artifacts(client, run_id, name, scratch / "upstream") for name in needs}
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
+
+
 def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float]:
     """Final metrics and artifacts of a finished stage; returns the metrics."""
+    import pandas as pd
+
     from tracking import schema
 
     per_subject = result.per_subject
@@ -158,10 +169,38 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         schema.BEST_VAL_LOSS: float(result.best_val_loss),
         schema.N_SUBJECTS: float(per_subject["subject_id"].nunique()),
         schema.COMPUTE_SECONDS: float(seconds),
+        # the cost model's inputs (sweeps/simulate.py, --estimate): seconds per epoch run, and
+        # the peak resident memory of the worker process that ran the trial
+        schema.PEAK_RSS_MB: _peak_rss_mb(),
     }
-    for col in ("brier", "nll", "mce", "boundary_ece", "true_ce"):  # more metrics when present
-        if col in per_subject.columns and per_subject[col].notna().any():
-            metrics[f"{col}_mean"] = float(per_subject[col].mean())
+    epochs = len(result.history or ())
+    if epochs:
+        metrics[schema.SECONDS_PER_EPOCH] = float(seconds) / epochs
+    # every other per-subject metric the stage computed (brier, nll, true_ce, ...), as its mean
+    for col in per_subject.columns:
+        if col in ("subject_id", "fold", "dice", "ece"):
+            continue
+        values = pd.to_numeric(per_subject[col], errors="coerce")
+        if values.notna().any():
+            metrics[f"{col}_mean"] = float(values.mean())
+    guard = getattr(result, "guard", None)
+    if guard is not None:  # the degenerate-model guard's view of the validation subjects
+        metrics[schema.GUARD_FOREGROUND_FRACTION] = float(guard.foreground_fraction)
+        metrics[schema.GUARD_MEDIAN_ABS_LOGIT] = float(guard.median_abs_logit)
+    tags = {}
+    fit_split = (getattr(result, "params", None) or {}).get("fit_split")
+    if fit_split:
+        tags[schema.FIT_SPLIT] = fit_split
+    if getattr(result, "degenerate", None):
+        tags[schema.DEGENERATE] = str(result.degenerate)[:500]
+    if tags:
+        run.set_tags(tags)
+    if getattr(result, "splits", None):
+        run.log_json(result.splits, schema.SPLITS)
+    if getattr(result, "preview", None):  # one slice of the first test subject, for the report
+        from calib.preview import save_preview
+
+        run.log_artifact(save_preview(result.preview, Path(result.weights).parent / schema.PREVIEW))
     run.log_text(per_subject.to_csv(index=False), schema.PER_SUBJECT)
     run.log_text(result.reliability_bins.to_csv(index=False), schema.RELIABILITY_BINS)
     run.log_artifact(result.weights, schema.WEIGHTS_DIR)

@@ -24,6 +24,8 @@ ERROR = "calib.error"  # why a trial failed (one line)
 RESUMED_EPOCH = "calib.resumed_epoch"  # the checkpoint epoch a retried / resumed trial went on from
 NODE_ID = "calib.node_id"  # the Ray node the trial ran on (its last attempt)
 NODE_IP = "calib.node_ip"  # that node's IP address
+FIT_SPLIT = "calib.fit_split"  # the split the stage fitted on: train | calib (calib.stages)
+DEGENERATE = "calib.degenerate"  # base stage: why the guard found the model collapsed (calib.guard)
 
 GRID = "calib.grid"  # on the sweep run: grid name
 RESUMED = "calib.resumed"  # on the sweep run: "true" for a --resume launch
@@ -45,6 +47,10 @@ BEST_VAL_LOSS = "best_val_loss"
 N_SUBJECTS = "n_subjects"
 COMPUTE_SECONDS = "compute_seconds"  # training + evaluation time of the trial, all attempts
 FINAL_METRICS = (DICE_MEAN, ECE_MEAN, BEST_VAL_LOSS, N_SUBJECTS, COMPUTE_SECONDS)
+PEAK_RSS_MB = "peak_rss_mb"  # peak resident memory of the trial's worker process, MiB
+SECONDS_PER_EPOCH = "seconds_per_epoch"  # compute seconds / epochs run
+GUARD_FOREGROUND_FRACTION = "guard_foreground_fraction"  # base: predicted fg / mask, val subjects
+GUARD_MEDIAN_ABS_LOGIT = "guard_median_abs_logit"  # base: median |logit| in the mask, val subjects
 
 # ---- artifacts -----------------------------------------------------------------------------------
 PER_SUBJECT = "per_subject.csv"  # subject_id, fold, dice, ece, ...
@@ -52,6 +58,8 @@ RELIABILITY_BINS = "reliability_bins.csv"  # subject_id, bin, count, conf_sum, p
 WEIGHTS_DIR = "weights"  # the stage's model file (base weights; fitted calibration method)
 LOGITS_DIR = "logits"  # base stage: every subject's exported logits, read by calibrate trials
 TRIAL_CONFIG = "trial_config.json"  # the resolved trial config (what the trial key hashes)
+SPLITS = "splits.json"  # subject ids of train, val, calib and test of the trial's fold
+PREVIEW = "preview.npz"  # one axial slice of the first test subject (calib.preview), for figures
 GRID_FILE = "grid.yaml"  # on the sweep run: the resolved grid
 
 PER_SUBJECT_COLUMNS = ("subject_id", "fold", "dice", "ece")

@@ -39,7 +39,8 @@ def prepare_input(model: FittedModel, path: Path, mask: Path | None = None) -> P
         prep = model.data.get("preprocessing") or {}
         if "spacing" not in prep or "shape" not in prep:
             raise ApplyError(f"{model.source}: the trial config lacks data.preprocessing (spacing, shape)")
-        return prepare_subject(path, model.dataset, prep["spacing"], prep["shape"])
+        return prepare_subject(path, model.dataset, prep["spacing"], prep["shape"],
+                               prep.get("normalisation", "subject"))
     if path.is_dir():
         raise ApplyError(f"{path}: {model.describe()} calibrates another network's predictions; give "
                          "a <case>.nii.gz probability/logit map or nnU-Net's <case>.npz")

@@ -88,7 +88,8 @@ def find_subject(folder: Path, dataset: str) -> SubjectFiles:
     return files
 
 
-def prepare_subject(folder: Path, dataset: str, spacing: float, shape: Sequence[int]) -> PreparedCase:
+def prepare_subject(folder: Path, dataset: str, spacing: float, shape: Sequence[int],
+                    normalisation: str = "subject") -> PreparedCase:
     """Check and preprocess one subject folder with the trial's preprocessing (module doc)."""
     from calib.data.preprocess import PreprocessConfig
     from calib.data.transforms import build_pipeline
@@ -100,9 +101,9 @@ def prepare_subject(folder: Path, dataset: str, spacing: float, shape: Sequence[
     problems = check_subject(files, dataset, include_ignored=False)
     if problems:
         raise error_from_problems(problems, f"subject {folder}")
-    config = PreprocessConfig.make(dataset, spacing, shape)
+    config = PreprocessConfig.make(dataset, spacing, shape, normalisation)
     pipeline = build_pipeline(config.spacing, config.shape, config.mask_threshold, False,
-                              config.orientation, with_label=False)
+                              config.orientation, fixed=config.fixed_statistics(), with_label=False)
     try:
         d = pipeline({"image": [str(p) for p in files.images]})
     except Exception as exc:  # MONAI wraps errors; name the subject

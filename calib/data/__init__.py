@@ -10,7 +10,7 @@ torch and MONAI are imported only when a subject is actually preprocessed.
 from .cache import Subject, load_subject, read_meta
 from .check import check_dataset, check_subject
 from .errors import CheckReport, DataError, Problem
-from .folds import make_folds, read_folds, write_folds
+from .folds import make_folds, paper_folds_file, read_folds, write_folds
 from .layouts import SUPPORTED_DATASETS, discover
 from .phantom import write_phantoms
 from .preprocess import PreprocessConfig, preprocess_dataset
@@ -27,6 +27,7 @@ __all__ = [
     "discover",
     "load_subject",
     "make_folds",
+    "paper_folds_file",
     "preprocess_dataset",
     "read_folds",
     "read_meta",

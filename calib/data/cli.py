@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--spacing", type=_positive_float, default=2.0, help="isotropic voxel size in mm (default 2)")
     q.add_argument("--shape", type=_positive_int, nargs=3, default=[136, 136, 82], metavar=("X", "Y", "Z"),
                    help="output grid (default 136 136 82)")
+    q.add_argument("--normalisation", choices=("subject", "fixed"), default="subject",
+                   help="subject: z-score per channel inside the mask (default); fixed: the paper's "
+                   "public code, one shift/scale per modality")
     q.add_argument("--workers", type=_positive_int, default=None,
                    help="processes (default: one per CPU, at most 8; 1 = no subprocess)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -218,7 +221,8 @@ def _run(args: argparse.Namespace) -> int:
         try:
             cache = preprocess_dataset(dataset, args.root, args.out, spacing=args.spacing,
                                        shape=tuple(args.shape), workers=args.workers,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress,
+                                       normalisation=args.normalisation)
         except DataError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

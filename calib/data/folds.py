@@ -3,6 +3,13 @@
 A folds file is JSON ``{"0": [subject ids], "1": [...], ...}`` (folds numbered 0..K-1, as JSON
 object keys are text). Every subject is in exactly one fold; the fold is its held-out
 (validation / test) fold in cross-validation.
+
+The paper's public code (AxelJanRousseau/PostTrainCalibration, ``my_utils/my_dataloader.py``)
+publishes its folds as case lists -- BraTS 2018: 5 x 57 cases, ISLES 2018: 19, 19, 19, 19, 18 --
+shipped here verbatim in ``paper_folds/<dataset>.json`` (:func:`paper_folds_file`). Its cases are
+named ``case_<n>`` by the preprocessing of JeroenBertels/optimizingdice, whose mapping from the
+datasets' own subject ids is not published; a dataset whose ids differ gets a DataError naming
+the ids that are missing (see docs/fidelity.md).
 """
 
 from __future__ import annotations
@@ -80,6 +87,20 @@ def read_folds(path: Path, subject_ids: Sequence[str]) -> dict[int, list[str]]:
     if problems:
         raise DataError(f"folds file {path}: subject(s) " + "; subject(s) ".join(problems))
     return {k: sorted(folds[k]) for k in sorted(folds)}
+
+
+#: The folds files of the paper's public code, by dataset.
+PAPER_FOLDS_DIR = Path(__file__).resolve().parent / "paper_folds"
+
+
+def paper_folds_file(dataset: str) -> Path:
+    """The published folds of the paper's public code for ``dataset`` (``brats18``, ``isles18``)."""
+    path = PAPER_FOLDS_DIR / f"{dataset}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in PAPER_FOLDS_DIR.glob("*.json"))
+        raise DataError(f"the paper's public code publishes no folds for dataset {dataset!r}; "
+                        f"it has: {', '.join(have)}")
+    return path
 
 
 def write_folds(path: Path, folds: dict[int, list[str]]) -> None:

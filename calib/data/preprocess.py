@@ -12,7 +12,10 @@ Per subject (``transforms.build_pipeline``), with MONAI dictionary transforms:
    volumes survive (see ``transforms.extent_grid``). ISLES slabs have 4-8 mm slices; resampling
    along z to 2 mm is what the paper did.
 5. AsDiscreted: whole tumour / lesion = label > 0.
-6. MaskedNormalized — z-score per channel with mean and std taken inside the mask, 0 outside.
+6. Normalisation (``normalisation``): ``subject`` (default) — MaskedNormalized, a z-score per
+   channel with mean and std taken inside the mask, 0 outside; ``fixed`` — FixedNormalized, the
+   paper's public code: one dataset-wide shift and scale per modality (:data:`FIXED_NORMALISATION`),
+   ``(x - shift) / scale`` everywhere in the grid.
 7. ResizeWithPadOrCropd — centre crop / zero pad to ``shape``.
 
 Each subject is first checked with ``check.check_subject`` (the 4D ISLES series, never loaded, is
@@ -49,6 +52,23 @@ FORMAT_VERSION = 1
 ISLES_HEAD_THRESHOLD_HU = -23.0
 DEFAULT_SPACING = 2.0
 DEFAULT_SHAPE = (136, 136, 82)
+NORMALISATIONS = ("subject", "fixed")
+_NORMALISATION_TEXT = {"subject": "zscore per channel inside mask, 0 outside",
+                       "fixed": "fixed shift/scale per modality (public code)"}
+#: ``(shift, scale)`` per modality of the paper's public code (AxelJanRousseau/
+#: PostTrainCalibration, my_utils/my_dataloader.py: BratsDataset / Isles18Dataset), dataset-wide
+#: statistics of the 2 mm volumes of the training data; facts of that code, not fitted here.
+FIXED_NORMALISATION = {
+    "brats18": {"flair": (420.884688397679, 1320.6450427506038),
+                "t1": (568.7868683246469, 1160.6822019612432),
+                "t1ce": (639.4882077323609, 1181.144425870453),
+                "t2": (629.919352934067, 1363.6117673325714)},
+    "isles18": {"CT": (145.4089064728558, 186.9740130523932),
+                "CT_Tmax": (2.8753392425245097, 4.634348718250107),
+                "CT_MTT": (5.538641988928408, 5.2019667021425295),
+                "CT_CBF": (179.03296070754575, 293.8784533196274),
+                "CT_CBV": (25.937894045251678, 42.502019634374086)},
+}
 
 
 @dataclass(frozen=True)
@@ -69,9 +89,16 @@ class PreprocessConfig:
     format_version: int = FORMAT_VERSION
 
     @classmethod
-    def make(cls, dataset: str, spacing: float = DEFAULT_SPACING, shape: Sequence[int] = DEFAULT_SHAPE):
+    def make(cls, dataset: str, spacing: float = DEFAULT_SPACING, shape: Sequence[int] = DEFAULT_SHAPE,
+             normalisation: str = "subject"):
         """Validated config with the dataset's mask rule; bad values raise DataError."""
         layout = get_layout(dataset)
+        if normalisation not in NORMALISATIONS:
+            raise DataError(f"unknown normalisation {normalisation!r}; valid choices: "
+                            f"{', '.join(NORMALISATIONS)}")
+        if normalisation == "fixed" and dataset not in FIXED_NORMALISATION:
+            raise DataError(f"normalisation 'fixed' has no statistics for dataset {dataset!r}; "
+                            f"it has: {', '.join(FIXED_NORMALISATION)}")
         try:
             spacing = float(spacing)
         except (TypeError, ValueError):
@@ -82,7 +109,22 @@ class PreprocessConfig:
         if len(shape) != 3 or any(s < 1 for s in shape):
             raise DataError(f"shape must be three positive voxel counts X Y Z, got {shape}")
         threshold = 0.0 if dataset == "brats18" else ISLES_HEAD_THRESHOLD_HU
-        return cls(dataset, spacing, shape, mask_channel=layout.channels[0], mask_threshold=threshold)
+        # the default keeps its old text, so that caches written before the option still hit
+        return cls(dataset, spacing, shape, mask_channel=layout.channels[0], mask_threshold=threshold,
+                   normalization=_NORMALISATION_TEXT[normalisation])
+
+    @property
+    def normalisation(self) -> str:
+        """``"subject"`` or ``"fixed"`` (see the module doc)."""
+        return next(k for k, v in _NORMALISATION_TEXT.items() if v == self.normalization)
+
+    def fixed_statistics(self) -> tuple[list[float], list[float]] | None:
+        """Shifts and scales per channel (layout order) for ``fixed``; None for ``subject``."""
+        if self.normalisation != "fixed":
+            return None
+        table = FIXED_NORMALISATION[self.dataset]
+        channels = get_layout(self.dataset).channels
+        return [table[c][0] for c in channels], [table[c][1] for c in channels]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -106,7 +148,8 @@ def process_subject(files: SubjectFiles, config: PreprocessConfig, out_dir: Path
         item["true_prob"] = str(files.true_prob)
     from .transforms import build_pipeline  # torch + MONAI: imported only when there is work
 
-    pipeline = build_pipeline(config.spacing, config.shape, config.mask_threshold, with_prob, config.orientation)
+    pipeline = build_pipeline(config.spacing, config.shape, config.mask_threshold, with_prob,
+                              config.orientation, fixed=config.fixed_statistics())
     try:
         d = pipeline(item)
     except Exception as exc:  # MONAI wraps errors; name the subject so the culprit is clear
@@ -199,6 +242,7 @@ def preprocess_dataset(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     workers: int | None = None,
     progress: bool = True,
+    normalisation: str = "subject",
 ) -> Path:
     """Preprocess every subject under ``root`` into ``<out>/<dataset>-<key16>/`` and return it.
 
@@ -209,7 +253,7 @@ def preprocess_dataset(
     at most 8 and the number of subjects; 1: in this process). Any bad input raises DataError
     and leaves nothing in ``out``.
     """
-    config = PreprocessConfig.make(dataset, spacing, shape)
+    config = PreprocessConfig.make(dataset, spacing, shape, normalisation)
     if workers is not None and workers < 1:
         raise DataError(f"workers must be at least 1, got {workers}")
     root, out = Path(root), Path(out)

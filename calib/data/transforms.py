@@ -4,6 +4,7 @@ stock set lacks:
 - ``HeadMaskd``: brain/head mask from a threshold on one channel, as a resamplable image.
 - ``ExtentSpacingd``: resample to isotropic spacing on a grid that spans the voxels' full extent.
 - ``MaskedNormalized``: per-channel z-score with statistics taken inside a mask.
+- ``FixedNormalized``: per-channel fixed shift and scale (the paper's public code).
 """
 
 from __future__ import annotations
@@ -112,20 +113,44 @@ class MaskedNormalized(MapTransform):
         return d
 
 
+class FixedNormalized(MapTransform):
+    """``(x - shift[c]) / scale[c]`` for each channel ``c`` of ``keys``, everywhere in the grid.
+
+    The paper's public code normalises this way with dataset-wide statistics per modality; it
+    does not zero the outside of the mask (the padding added later is 0).
+    """
+
+    def __init__(self, keys: str | Sequence[str], shifts: Sequence[float], scales: Sequence[float]):
+        super().__init__(keys)
+        self.transform = NormalizeIntensity(subtrahend=list(shifts), divisor=list(scales),
+                                            channel_wise=True)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
 def build_pipeline(
     spacing: float,
     shape: Sequence[int],
     mask_threshold: float,
     with_true_prob: bool,
     orientation: str = "RAS",
+    fixed: tuple[Sequence[float], Sequence[float]] | None = None,
     with_label: bool = True,
 ) -> Compose:
     """The per-subject pipeline of ``calib.data.preprocess`` (see its docstring for the steps).
 
     Input: ``{"image": [channel paths], "label": path, "true_prob": path}``; output MetaTensors
     ``image`` (C,X,Y,Z), ``label``, ``mask``, ``true_prob`` (1,X,Y,Z) on the ``shape`` grid.
-    ``with_label=False``: a new case without a label (``calib.apply``), the same steps otherwise.
+    ``fixed``: (shifts, scales) per channel for the fixed normalisation, None for the per-subject
+    z-score inside the mask. ``with_label=False``: a new case without a label (``calib.apply``),
+    the same steps otherwise.
     """
+    normalise = (MaskedNormalized("image", "mask") if fixed is None
+                 else FixedNormalized("image", fixed[0], fixed[1]))
     extra = ["true_prob"] if with_true_prob else []
     label = ["label"] if with_label else []
     keys = ["image", *label, "mask", *extra]
@@ -140,7 +165,7 @@ def build_pipeline(
             Orientationd(keys, axcodes=orientation, labels=_RAS_LABELS),
             ExtentSpacingd(keys, spacing, modes),
             *([AsDiscreted("label", threshold=0.5)] if with_label else []),  # whole tumour / lesion: label > 0
-            MaskedNormalized("image", "mask"),
+            normalise,
             ResizeWithPadOrCropd(keys, spatial_size=tuple(shape), mode="constant"),
         ]
     )

@@ -144,6 +144,14 @@ class CalibrationMethod(abc.ABC):
     uses: ClassVar[str]
     has_lr: ClassVar[bool] = False
     DEFAULTS: ClassVar[Mapping[str, Any]]
+    #: Which split of the fold's training pool the method fits on (calib.stages): ``"calib"``
+    #: for a post hoc fit on held-out subjects (every map of the base output, fine-tuning),
+    #: ``"train"`` for a retraining of the network itself (MC dropout), which trains on the base
+    #: model's own training subjects and stops on ``val`` as the base model does.
+    fit_split: ClassVar[str] = "calib"
+    #: True where the L2 penalty of the network (TrainConfig.weight_decay) applies: methods that
+    #: retrain U-Net layers, as the public code's Keras model carries its regulariser with it.
+    uses_weight_decay: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any] | None = None, *, weights: str = "CE",
                  net_cfg=None, base_weights: Path | None = None,
@@ -156,13 +164,19 @@ class CalibrationMethod(abc.ABC):
                 if key in defaults:
                     defaults[key] = getattr(schedule, key)
         self.params = resolve_params(self.name, defaults, params)
+        # Set by the protocol and the network, not by the method's recipe: the epoch kept
+        # (best or last) and the network's L2 penalty.
+        self.restore_best = True if schedule is None else bool(schedule.restore_best)
+        self.weight_decay = (float(schedule.weight_decay)
+                             if schedule is not None and self.uses_weight_decay else 0.0)
         self.net_cfg = net_cfg
         self.base_weights = None if base_weights is None else Path(base_weights)
 
     # ---- training ---------------------------------------------------------------------------
     def train_config(self) -> TrainConfig:
         """The optimisation settings this method trains with (resolved parameters)."""
-        return TrainConfig(**{k: self.params[k] for k in SCHEDULE_KEYS if k in self.params})
+        return TrainConfig(**{k: self.params[k] for k in SCHEDULE_KEYS if k in self.params},
+                           weight_decay=self.weight_decay, restore_best=self.restore_best)
 
     @abc.abstractmethod
     def fit(self, train: SubjectSet, val: SubjectSet, device: torch.device,

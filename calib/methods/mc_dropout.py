@@ -8,6 +8,14 @@ CE for CE weights, at the given initial LR (the paper sweeps 1e-3, 1e-4, 1e-5 an
 on batches of 2 volumes with the usual schedule. The prediction is the mean foreground probability
 of 20 stochastic passes.
 
+MC retraining is a retraining of the network, not a post hoc fit: it trains on the base model's
+``train`` split and stops on ``val`` (``fit_split = "train"``). Its validation loss is computed
+with dropout off (:meth:`calib.nets.UNet3D.dropout_suspended`), as the paper's Keras code does:
+one stochastic pass is a noisy estimate (std ~0.005 between two passes of the same weights on
+the demo, as large as an epoch's change), so early stopping, the kept epoch and the choice of LR
+would follow the noise; the mean of K fixed-mask samples would be deterministic too, but costs
+K forward passes per validation volume for a number that converges to the same quantity.
+
 Cost: the prefix before the first dropout site is deterministic and frozen, so it runs once per
 subject -- during retraining without autograd, at inference once for all 20 samples -- and only
 the remainder runs per sample (``bench/methods.py`` measures the gain).
@@ -80,6 +88,7 @@ class MCDropout(NetworkMethod):
     schedule; ``seed`` also seeds the inference samples."""
 
     has_lr = True
+    fit_split = "train"
     setting: str
     DEFAULTS = {**CALIBRATION_SCHEDULE, "lr": 1e-4, "batch_size": 2, "loss": None,
                 "n_samples": 20, "dropout_rate": 0.5}
@@ -99,6 +108,14 @@ class MCDropout(NetworkMethod):
         return self.params["loss"] or MC_LOSS[self.weights]
 
     def _loss(self, module: UNet3D, batch: dict) -> torch.Tensor:
+        # calib.training.fit validates in eval() mode: there dropout is off, so the validation
+        # loss of the same weights is the same number every time (module doc)
+        if not module.training:
+            with module.dropout_suspended():
+                return self._remainder_loss(module, batch)
+        return self._remainder_loss(module, batch)
+
+    def _remainder_loss(self, module: UNet3D, batch: dict) -> torch.Tensor:
         # the frozen prefix needs no graph: run it without autograd, retrain what follows
         with torch.no_grad():
             state = module.forward_prefix(batch["image"])

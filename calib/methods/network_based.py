@@ -71,6 +71,7 @@ class NetworkMethod(CalibrationMethod, abc.ABC):
     """
 
     uses = "images"
+    uses_weight_decay = True
 
     def __init__(self, params: Mapping | None = None, **context):
         super().__init__(params, **context)

@@ -30,6 +30,8 @@ nothing else).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from dataclasses import dataclass
 
 import torch
@@ -46,15 +48,20 @@ DROPOUT_SETTINGS = ("decoder", "center")
 
 
 class DropoutSite(nn.Module):
-    """Elementwise dropout that is identity until switched on, then active in train and eval."""
+    """Elementwise dropout that is identity until switched on, then active in train and eval.
+
+    ``suspended`` (set by :meth:`UNet3D.dropout_suspended`) makes an active site the identity for
+    a while without changing which sites are active, so the prefix/remainder split is unchanged.
+    """
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
         self.active = False
+        self.suspended = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active or self.p == 0.0:
+        if not self.active or self.suspended or self.p == 0.0:
             return x
         return F.dropout(x, self.p, training=True)
 
@@ -209,6 +216,24 @@ class UNet3D(nn.Module):
         for name, site in self.dropout.items():
             site.active = name in on
         self._setting = setting
+
+    @contextmanager
+    def dropout_suspended(self):
+        """Run the net deterministically: every dropout site is the identity inside the block.
+
+        Inverted dropout (``F.dropout`` scales kept units by 1 / (1 - p)) makes the identity the
+        expected activation of each site, i.e. the weight-scaling approximation of the MC mean;
+        Keras' ``Dropout`` layers do the same outside training. The active sites and hence
+        :meth:`forward_prefix` / :meth:`forward_remainder` are unchanged.
+        """
+        saved = {name: site.suspended for name, site in self.dropout.items()}
+        for site in self.dropout.values():
+            site.suspended = True
+        try:
+            yield self
+        finally:
+            for name, site in self.dropout.items():
+                site.suspended = saved[name]
 
     def active_sites(self) -> list[str]:
         """Names of the dropout sites that are on, in forward order."""

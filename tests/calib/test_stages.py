@@ -55,21 +55,53 @@ def test_paper_protocol_validates_on_the_test_fold():
     folds = {0: ["a", "b"], 1: ["c", "d"], 2: ["e", "f"]}
     split = make_split("/c", folds, 1, protocol="paper")
     assert split.test_ids == split.val_ids == ("c", "d")
-    assert split.train_ids == ("a", "b", "e", "f") and split.protocol == "paper"
+    assert split.train_ids == split.calib_ids == ("a", "b", "e", "f") and split.protocol == "paper"
     assert split.all_ids() == ("a", "b", "e", "f", "c", "d")
+    assert not split.restore_best and split.stop_split == "test"  # the last epoch is kept
 
 
-def test_honest_protocol_carves_validation_from_the_training_folds():
-    folds = {k: [f"s{k}{i}" for i in range(4)] for k in range(5)}
-    split = make_split("/c", folds, 2, protocol="honest", seed=3)
-    pool = {s for k in (0, 1, 3, 4) for s in folds[k]}
-    assert set(split.test_ids) == set(folds[2])
-    assert len(split.val_ids) == round(0.2 * 16)
-    assert set(split.val_ids) | set(split.train_ids) == pool
-    assert not set(split.val_ids) & set(split.train_ids)
-    assert split == make_split("/c", folds, 2, seed=3)  # the same for every stage
-    assert split.val_ids != make_split("/c", folds, 2, seed=4).val_ids
+def _pool(folds, fold):
+    return {s for k in folds if k != fold for s in folds[k]}
+
+
+def test_honest_protocol_splits_the_pool_three_ways():
+    folds = {k: [f"s{k}{i:02d}" for i in range(8)] for k in range(5)}
+    for fold in folds:
+        split = make_split("/c", folds, fold, protocol="honest", seed=3)
+        parts = [set(split.train_ids), set(split.val_ids), set(split.calib_ids)]
+        assert set(split.test_ids) == set(folds[fold])
+        assert set().union(*parts) == _pool(folds, fold)  # the pool, all of it
+        assert sum(map(len, parts)) == 32  # disjoint
+        assert not set().union(*parts) & set(split.test_ids)
+        assert len(split.val_ids) == len(split.calib_ids) == round(0.2 * 32)
+        assert split.restore_best and split.stop_split == "val"
+        # stable: every stage of the fold rebuilds the same split
+        assert split == make_split("/c", folds, fold, seed=3)
+    assert make_split("/c", folds, 2, seed=3).calib_ids != make_split("/c", folds, 2, seed=4).calib_ids
+    assert make_split("/c", folds, 2, seed=3).val_ids != make_split("/c", folds, 3, seed=3).val_ids
     assert make_split("/c", folds, 2).protocol == "honest"  # the default
+    custom = make_split("/c", folds, 0, val_fraction=0.25, calib_fraction=0.5)
+    assert (len(custom.val_ids), len(custom.calib_ids), len(custom.train_ids)) == (8, 16, 8)
+    as_json = custom.to_dict()
+    assert set(as_json) == {"protocol", "fold", "train", "val", "calib", "test"}
+    assert as_json["calib"] == list(custom.calib_ids)
+
+
+def test_honest_keeps_one_subject_per_part_on_tiny_pools():
+    folds = {0: ["a"], 1: ["b", "c"], 2: ["d"]}
+    split = make_split("/c", folds, 2)
+    assert sorted(len(x) for x in (split.train_ids, split.val_ids, split.calib_ids)) == [1, 1, 1]
+
+
+def test_two_way_protocol_fits_calibrators_on_the_training_subjects():
+    folds = {k: [f"s{k}{i}" for i in range(4)] for k in range(5)}
+    split = make_split("/c", folds, 2, protocol="two_way", seed=3)
+    assert len(split.val_ids) == round(0.2 * 16)
+    assert set(split.val_ids) | set(split.train_ids) == _pool(folds, 2)
+    assert not set(split.val_ids) & set(split.train_ids)
+    assert split.calib_ids == split.train_ids
+    # the same validation draw as honest: the two protocols differ only in what calibrates
+    assert split.val_ids == make_split("/c", folds, 2, protocol="honest", seed=3).val_ids
 
 
 def test_bad_split_arguments_are_clear_errors():
@@ -78,10 +110,16 @@ def test_bad_split_arguments_are_clear_errors():
         make_split("/c", folds, 0, protocol="honset")
     with pytest.raises(StageError, match="fold 7 .*valid folds: \\[0, 1\\]"):
         make_split("/c", folds, 7)
-    with pytest.raises(StageError, match=">= 2 training subjects"):
+    with pytest.raises(StageError, match="fold 0: the honest protocol needs >= 3 subjects"):
         make_split("/c", folds, 0)
+    with pytest.raises(StageError, match="fold 0: the two_way protocol needs >= 2 subjects"):
+        make_split("/c", folds, 0, protocol="two_way")
     with pytest.raises(StageError, match="more than one fold"):
         make_split("/c", {0: ["a", "b"], 1: ["b", "c"]}, 0)
+    with pytest.raises(StageError, match="val_fraction \\+ calib_fraction must be below 1"):
+        make_split("/c", {0: list("abcd"), 1: list("efgh")}, 0, val_fraction=0.5, calib_fraction=0.5)
+    with pytest.raises(StageError, match="unknown split 'calibration'"):
+        make_split("/c", {0: list("abcd"), 1: list("efgh")}, 0).ids("calibration")
 
 
 def test_base_stage_trains_evaluates_and_exports_every_subject(pipeline):
@@ -94,7 +132,18 @@ def test_base_stage_trains_evaluates_and_exports_every_subject(pipeline):
         assert list(stage.reliability_bins.columns) == BINS
         assert len(stage.reliability_bins) == 20 * len(split.test_ids)
         assert np.isfinite(stage.best_val_loss)
-    assert base.params == {"loss": "sd", "protocol": "honest", "init": "pretrain"}
+    assert base.params == {"loss": "sd", "protocol": "honest", "init": "pretrain",
+                           "fit_split": "train", "stop_split": "val", "kept_epoch": "best"}
+    assert base.splits == split.to_dict()
+    # the report's slice figure: the first test subject, its most lesioned axial slice
+    pv = base.preview
+    assert str(pv["subject_id"]) == split.test_ids[0]
+    assert {k: pv[k].shape for k in ("image", "label", "mask", "prob", "true_prob")} == \
+        {k: (24, 24) for k in ("image", "label", "mask", "prob", "true_prob")}
+    full = load_logits(base.extra_artifacts["logits"], split.test_ids[0])
+    z = int(pv["z"])
+    assert pv["label"].sum() == full.label.sum(axis=(0, 1)).max() == full.label[:, :, z].sum()
+    assert base.guard is not None and base.guard.n_subjects == len(split.val_ids)
     logits = base.extra_artifacts["logits"]
     index = read_index(logits)
     assert index["subjects"] == list(split.all_ids()) and len(split.all_ids()) == 9
@@ -125,6 +174,10 @@ def test_calibrate_stage_runs_every_method(pipeline, method):
     assert result.per_subject[["dice", "ece", "brier", "nll"]].notna().all().all()
     assert list(result.reliability_bins.columns) == BINS
     assert result.params["method"] == method and result.params["protocol"] == "honest"
+    # post hoc maps and fine-tuning fit on held-out calibration subjects; MC dropout retrains
+    # the network on its own training subjects
+    assert result.params["fit_split"] == ("train" if method.startswith("mc_") else "calib")
+    assert result.splits["calib"] == list(split.calib_ids)
     assert load_method(result.weights).name == method
     assert result.epochs == 2
 
@@ -156,7 +209,8 @@ def test_base_recipes(pipeline, tmp_path, weights, init, loss):
     result = run_base(weights, NET, one_epoch, split, tmp_path, CPU,
                       init_weights=pre.weights if init else None)
     assert result.params == {"loss": loss, "protocol": "honest",
-                             "init": "pretrain" if init else "scratch"}
+                             "init": "pretrain" if init else "scratch",
+                             "fit_split": "train", "stop_split": "val", "kept_epoch": "best"}
     assert (tmp_path / "logits" / "index.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
 
 

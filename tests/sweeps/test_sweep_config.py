@@ -77,7 +77,7 @@ def test_data_root_precedence(tmp_path):
     ({"methods": {"platt": {"lr": [1e-3]}}}, ["methods.platt.lr", "no learning-rate axis", "mc_decoder"]),
     ({"methods": {"auxiliary": {"params": {"k": 4}}}}, ["auxiliary", "k=4", "(1, 5, 7, 9, 11)"]),
     ({"protocl": "paper"}, ["protocl", "did you mean 'protocol'", "valid keys"]),
-    ({"protocol": "fair"}, ["protocol", "'fair'", "honest, paper"]),
+    ({"protocol": "fair"}, ["protocol", "'fair'", "honest, two_way, paper"]),
     ({"training": {**_paper()["training"], "base": {"lr": 1e-3, "max_epochs": 3, "epochs": 4}}},
      ["training.base.epochs", "max_epochs"]),
     ({"training": {**_paper()["training"], "calibrate": {"lr_factor": 2.0, "max_epochs": 3}}},
@@ -150,3 +150,80 @@ def test_unreachable_tracking_server_exits_2_before_ray(tmp_path, capsys, monkey
     assert main(["--grid", "demo", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and uri in err and "unreachable" in err
+
+
+def test_the_papers_code_settings_are_options_of_the_grid(tmp_path):
+    grid = load_grid("paper", require_data=False, env={})
+    assert grid.protocol == "honest" and grid.calib_fraction == 0.2 and grid.val_fraction == 0.2
+    assert grid.preprocessing.normalisation == "fixed"
+    assert grid.network.weight_decay_for("brats18") == 1e-5 and grid.network.weight_decay_for("isles18") == 0
+    raw = _paper(protocol="paper", folds={"n_folds": 5, "file": "paper"},
+                 network={"preset": "paper", "weight_decay": 2e-5},
+                 preprocessing={"normalisation": "subject"})
+    grid = load_grid(_write(tmp_path, raw), require_data=False, env={})
+    assert grid.folds.is_paper and grid.protocol == "paper"
+    assert grid.network.weight_decay_for("isles18") == 2e-5 and grid.preprocessing.normalisation == "subject"
+    again = load_grid(_write(tmp_path, yaml.safe_load(grid.to_yaml())), require_data=False, env={})
+    assert again.to_dict() == grid.to_dict()
+
+
+def test_the_papers_code_settings_change_the_trial_keys(tmp_path):
+    from sweeps.plan import expand
+
+    def keys(**change):
+        return {(t.stage, t.dataset, t.weights, t.method, t.fold, t.lr): t.key
+                for t in expand(load_grid(_write(tmp_path, _paper(**change)), require_data=False, env={})).trials}
+
+    base = keys()
+    for change in ({"calib_fraction": 0.3}, {"protocol": "two_way"},
+                   {"preprocessing": {"normalisation": "subject"}}):
+        other = keys(**change)
+        assert other.keys() == base.keys() and not set(other.values()) & set(base.values()), change
+    # no L2 penalty: every BraTS trial changes, ISLES (none in the paper grid either) does not
+    other = keys(network={"preset": "paper", "weight_decay": 0.0})
+    for k, key in base.items():
+        assert (other[k] != key) == (k[1] == "brats18"), k
+    # the L2 penalty reaches the stages that train U-Net layers, per dataset
+    plan = expand(load_grid("paper", require_data=False, env={}))
+    brats = next(t for t in plan.trials if t.stage == "base" and t.dataset == "brats18")
+    isles = next(t for t in plan.trials if t.stage == "base" and t.dataset == "isles18")
+    assert brats.config["train"]["weight_decay"] == 1e-5 and "weight_decay" not in isles.config["train"]
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"preprocessing": {"normalisation": "zscore"}}, ["preprocessing.normalisation", "'zscore'", "subject, fixed"]),
+    ({"network": {"preset": "paper", "weight_decay": {"brats19": 1e-5}}},
+     ["network.weight_decay.brats19", "did you mean 'brats18'"]),
+    ({"network": {"preset": "paper", "weight_decay": -1}}, ["network.weight_decay", ">= 0"]),
+    ({"calib_fraction": 0.9}, ["calib_fraction", "val_fraction + calib_fraction must be < 1"]),
+    ({"folds": {"n_folds": 3, "file": "paper"}}, ["folds.n_folds", "the paper's folds are 5"]),
+    ({"folds": {"file": "nowhere.json"}}, ["folds.file", "does not exist", "'paper'"]),
+])
+def test_bad_paper_code_settings_are_one_clear_line(tmp_path, change, expected):
+    with pytest.raises(GridError) as info:
+        load_grid(_write(tmp_path, _paper(**change)), require_data=False, env={})
+    for part in expected:
+        assert part in str(info.value), str(info.value)
+
+
+def test_folds_only_runs_a_subset_of_the_same_split(tmp_path):
+    from sweeps.plan import expand
+
+    full = expand(load_grid("paper", require_data=False, env={}))
+    raw = _paper(folds={"n_folds": 5, "seed": 0, "only": [0, 3]})
+    part = expand(load_grid(_write(tmp_path, raw), require_data=False, env={}))
+    assert {t.fold for t in part.trials} == {0, 3}
+    # the same trials as the full study's, keys included (a pilot's results count for it)
+    assert {t.key for t in part.trials} == {t.key for t in full.trials if t.fold in (0, 3)}
+    with pytest.raises(GridError, match="folds.only: must list distinct folds of 0..4"):
+        load_grid(_write(tmp_path, _paper(folds={"n_folds": 5, "only": [5]})), require_data=False, env={})
+
+
+def test_paper_smoke_grid_is_the_paper_grid_cut_in_size():
+    smoke = load_grid("paper-smoke", require_data=False, env={})
+    paper = load_grid("paper", require_data=False, env={})
+    assert [d.name for d in smoke.datasets] == [d.name for d in paper.datasets]
+    assert smoke.network == paper.network and smoke.preprocessing.shape == paper.preprocessing.shape
+    assert smoke.weights == paper.weights and [m.name for m in smoke.methods] == [m.name for m in paper.methods]
+    assert smoke.folds.run_folds() == (0,)
+    assert {d.phantom.shape for d in smoke.datasets} == {(240, 240, 155), (256, 256, 8)}

@@ -54,6 +54,7 @@ def test_launch_stores_runs_by_the_schema(ray_session, phantom_root, shared_cach
     assert rc == 0, text
     assert f"mlflow ui --backend-store-uri {mlflow_store}" in text
     assert "total" in text and "wall time" in text
+    assert "degenerate base models:" in text
 
     client, trials, sweeps = _runs(mlflow_store, "calib-tiny")
     assert len(sweeps) == 1
@@ -83,7 +84,8 @@ def test_launch_stores_runs_by_the_schema(ray_session, phantom_root, shared_cach
         assert len(client.get_metric_history(r.info.run_id, schema.VAL_LOSS)) == len(steps)
 
         files = _artifact_files(client, r.info.run_id)
-        assert {schema.PER_SUBJECT, schema.RELIABILITY_BINS, schema.TRIAL_CONFIG} <= files
+        assert {schema.PER_SUBJECT, schema.RELIABILITY_BINS, schema.TRIAL_CONFIG, schema.SPLITS,
+                schema.PREVIEW} <= files
         assert any(f.startswith(schema.WEIGHTS_DIR + "/") for f in files)
         if spec.stage == "base":
             assert any(f.startswith(schema.LOGITS_DIR + "/") for f in files)
@@ -95,6 +97,15 @@ def test_launch_stores_runs_by_the_schema(ray_session, phantom_root, shared_cach
         assert list(bins.columns) == list(schema.RELIABILITY_COLUMNS)
         cfg = json.loads(Path(client.download_artifacts(r.info.run_id, schema.TRIAL_CONFIG, str(tmp_path / r.info.run_id))).read_text())
         assert cfg["trial_key"] == spec.key and cfg["stage"] == spec.stage
+        # which data fitted what: the split ids, and the fit split by stage and method
+        splits = json.loads(Path(client.download_artifacts(r.info.run_id, schema.SPLITS, str(tmp_path / r.info.run_id))).read_text())
+        assert sorted(splits["test"]) == sorted(folds[spec.fold]) and splits["protocol"] == "honest"
+        assert not set(splits["calib"]) & set(splits["train"]) and splits["calib"]
+        post_hoc = spec.stage == "calibrate" and not spec.method.startswith("mc_")
+        assert tags[schema.FIT_SPLIT] == ("calib" if post_hoc else "train")
+        if spec.stage == "base":
+            assert schema.GUARD_FOREGROUND_FRACTION in m and schema.GUARD_MEDIAN_ABS_LOGIT in m
+            assert (schema.DEGENERATE in tags) == ("degenerate base models: none" not in text)
 
     report_dir = Path(grid_yaml["work_dir"]) / "report"
     assert (report_dir / "results_long.csv").exists(), text

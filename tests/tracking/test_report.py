@@ -255,7 +255,7 @@ def test_cli_writes_every_file_and_logs_them(store, default, tmp_path):
     rc = main(["--experiment", store.experiment, "--tracking-uri", store.uri, "--out", str(out)])
     assert rc == 0
     names = {p.name for p in out.iterdir()}
-    expected = {"results_long.csv", "subject_dispersion.csv", "report.md"}
+    expected = {"results_long.csv", "subject_dispersion.csv", "report.md", "headline.csv"}
     for ds, weights in (("brats18", ("CE", "SD")), ("isles18", ("CE",))):
         expected |= {f"table_{ds}.md", f"table_{ds}.tex", f"pareto_{ds}.csv", f"fig1_scatter_{ds}.png"}
         expected |= {f"fig{n}_{kind}_{ds}_{w}.png" for w in weights
@@ -292,7 +292,18 @@ def test_cli_writes_every_file_and_logs_them(store, default, tmp_path):
         img = imread(png)
         assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0, png.name
 
+    # the headline: best post hoc method by ECE against the base model, every cell shown
+    head = pd.read_csv(out / "headline.csv").set_index(["dataset", "weights"])
+    assert list(head.index) == [("brats18", "CE"), ("brats18", "SD"), ("isles18", "CE")]
+    assert head.loc[("brats18", "CE"), "best_method"] == "platt"
+    assert head.loc[("brats18", "CE"), "ece_p_vs_base"] == pytest.approx(P16)
+    assert head.loc[("brats18", "CE"), "ece_verdict"] == "lower"
+    assert head.loc[("isles18", "CE"), "best_method"] == "finetune"
+    assert head.loc[("isles18", "CE"), "true_ce_verdict"] == "lower"  # below on every subject
+    assert head.loc[("isles18", "CE"), "true_ce_p_vs_base"] == pytest.approx(P8)
+
     report = (out / "report.md").read_text()
+    assert report.index("## Does calibration help?") < report.index("## brats18")
     assert "--select-by val_loss" in report and "honest" in report
     assert "s15" in report and "lr 1e-05 lacks fold(s) 1" in report  # warnings listed
     assert "![Figure 1: ECE vs Dice, brats18](fig1_scatter_brats18.png)" in report

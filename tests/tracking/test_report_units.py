@@ -130,3 +130,31 @@ def test_small_helpers(tmp_path):
     with pytest.raises(Boom):
         atomic._atomic(target, bad)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_slice_figure_has_the_expected_panels():
+    import numpy as np
+
+    from tracking.report.slices import SliceRow, panel_titles, slice_figure
+
+    rng = np.random.default_rng(0)
+
+    def preview(prob_scale):
+        p_star = rng.random((12, 10)).astype(np.float32)
+        return {"subject_id": np.asarray("s1"), "z": np.asarray(4),
+                "image": rng.normal(size=(12, 10)).astype(np.float32),
+                "label": (p_star > 0.5).astype(np.uint8), "mask": np.ones((12, 10), bool),
+                "prob": np.clip(p_star * prob_scale, 0, 1), "true_prob": p_star}
+
+    rows = [SliceRow("CE", preview(1.5), "platt", preview(1.0)),
+            SliceRow("SD", preview(2.0), "auxiliary", preview(1.1))]
+    fig = slice_figure("brats18", rows)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 2 * 7
+    assert [ax.get_title() for ax in panels[:7]] == panel_titles(True)
+    assert panels[0].get_ylabel() == "CE\nPlatt" and panels[7].get_ylabel() == "SD\nauxiliary"
+    assert "test subject s1" in fig._suptitle.get_text()
+    # without a known truth the p* and error panels are left out
+    for r in rows:
+        del r.base["true_prob"], r.calibrated["true_prob"]
+    assert len([ax for ax in slice_figure("brats18", rows).axes if ax.images]) == 2 * 4

@@ -21,9 +21,12 @@ from tracking.report.stats import compare_to_best, compare_to_reference, pareto_
 CONTRACT_COLUMNS = ("dataset", "weights", "method", "lr_selected", "n_subjects", "dice_mean",
                     "ece_pct_mean", "dice_p_vs_best", "ece_p_vs_best", "dice_bold", "ece_bold",
                     "pareto")
-# Extra columns, after the contract ones; true_ce_pct_mean only when some run has true_ce.
+# Extra columns, after the contract ones; true_ce_pct_mean and true_ce_p_vs_base (Wilcoxon of the
+# per-subject true calibration error against the base model) only when some run has true_ce.
 EXTRA_COLUMNS = ("dice_p_vs_base", "ece_p_vs_base", "protocol", "select_by", "p_adjust")
-METHOD_ORDER = ("base", "platt", "auxiliary", "finetune", "mc_decoder", "mc_center")
+#: The paper's methods in its order, then ours (temperature and the methods beyond the paper).
+METHOD_ORDER = ("base", "platt", "auxiliary", "finetune", "mc_decoder", "mc_center", "temperature",
+                "lts", "beta", "histogram_binning", "isotonic", "tta")
 WEIGHTS_ORDER = ("CE", "CE-SD", "SD")
 BASE_METHOD = "base"
 METRICS = ("dice", "ece")
@@ -80,6 +83,10 @@ def analyse(selections: Sequence[Selection], tables: Mapping[tuple[str, str, str
         else:
             warn.warn(f"{dataset}/{weights} has no {BASE_METHOD} runs: no tests against the base model")
             vs_base = {metric: {m: np.nan for m in methods} for metric in METRICS}
+        true_ce_vs_base = {m: np.nan for m in methods}
+        if with_true_ce and BASE_METHOD in methods and all("true_ce" in data[m] for m in methods):
+            true_ce_vs_base = compare_to_reference({m: data[m]["true_ce"] for m in methods},
+                                                   BASE_METHOD, use_holm)
         for m in methods:
             s = sel[(dataset, weights, m)]
             protocols = sorted({r.protocol for r in s.runs if r.protocol})
@@ -97,8 +104,10 @@ def analyse(selections: Sequence[Selection], tables: Mapping[tuple[str, str, str
             if with_true_ce:
                 tc = data[m]["true_ce"] if "true_ce" in data[m] else pd.Series(dtype=float)
                 row["true_ce_pct_mean"] = 100.0 * float(tc.mean()) if len(tc) else np.nan
+                row["true_ce_p_vs_base"] = true_ce_vs_base[m]
             rows.append(row)
-    columns = list(CONTRACT_COLUMNS) + list(EXTRA_COLUMNS) + (["true_ce_pct_mean"] if with_true_ce else [])
+    columns = list(CONTRACT_COLUMNS) + list(EXTRA_COLUMNS) + (
+        ["true_ce_pct_mean", "true_ce_p_vs_base"] if with_true_ce else [])
     df = pd.DataFrame(rows, columns=columns)
     for idx in df.groupby("dataset").groups.values():
         part = df.loc[idx]

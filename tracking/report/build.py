@@ -29,6 +29,8 @@ from tracking.report.fetch import (
     redact_uri,
 )
 from tracking.report.figures import reliability_figure, scatter_figure, violin_figure
+from tracking.report.headline import headline_table
+from tracking.report.slices import SliceRow, slice_figure
 from tracking.report.files import FILE_DESCRIPTIONS
 from tracking.report.selection import Selection, pool_subjects, select_runs
 from tracking.report.tables import latex_table, markdown_table
@@ -63,6 +65,8 @@ class ReportData:
     dispersion: pd.DataFrame  # subject_dispersion
     accuracy: dict  # (dataset, weights, method) → subject_accuracy frame
     warn: WarningLog
+    headline: pd.DataFrame = None  # tracking.report.headline
+    slices: dict = None  # dataset → [SliceRow], for the slice figure
 
 
 def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: str | None = None,
@@ -87,9 +91,33 @@ def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: 
             tables[s.key] = subject_table(s, pooled, warn)
             bins[s.key] = pool_subjects(s, [reader.reliability_bins(r) for r in s.runs],
                                         "reliability_bins.csv")
-    results = analyse(selections, tables, use_holm, warn)
+        results = analyse(selections, tables, use_holm, warn)
+        headline = headline_table(results)
+        slices = _slice_rows(headline, selections, reader)
     return ReportData(uri, client, trials, select_by, use_holm, tuple(selections), results,
-                      dispersion_table(bins), {k: subject_accuracy(b) for k, b in bins.items()}, warn)
+                      dispersion_table(bins), {k: subject_accuracy(b) for k, b in bins.items()}, warn,
+                      headline, slices)
+
+
+def _slice_rows(headline: pd.DataFrame, selections, reader: ArtifactReader) -> dict:
+    """Per dataset, the base model's and the best method's previews of one test subject (the
+    first test subject of the lowest fold that both ran on), per weights."""
+    by_key = {s.key: s for s in selections}
+    out: dict[str, list[SliceRow]] = {}
+    for h in headline.itertuples(index=False):
+        base = by_key.get((h.dataset, h.weights, "base"))
+        best = by_key.get((h.dataset, h.weights, h.best_method))
+        if base is None or best is None:
+            continue
+        folds = sorted({r.fold for r in base.runs} & {r.fold for r in best.runs})
+        if not folds:
+            continue
+        pick = lambda s: next(r for r in s.runs if r.fold == folds[0])  # noqa: E731
+        pb, pc = reader.preview(pick(base)), reader.preview(pick(best))
+        if pb is None or pc is None or str(pb["subject_id"]) != str(pc["subject_id"]):
+            continue
+        out.setdefault(h.dataset, []).append(SliceRow(h.weights, pb, h.best_method, pc))
+    return out
 
 
 def write_report(data: ReportData, out: Path, log_artifacts: bool = True) -> ReportOutcome:
@@ -122,19 +150,22 @@ def build_report(experiment: str, out: Path, tracking_uri: str | None = None,
 
 def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, ...]:
     results, dispersion, accuracy = data.results, data.dispersion, data.accuracy
-    files = [write_csv(out / names.RESULTS, results)]
+    files = [write_csv(out / names.RESULTS, results), write_csv(out / names.HEADLINE, data.headline)]
     within = pareto_by_weights(results)
     for ds in sorted(results["dataset"].unique()):
         part = results["dataset"] == ds
+        excluded = data.trials.excluded_from(ds)
         files.append(write_text(out / names.table_md(ds),
-                                markdown_table(results, ds, ctx.use_holm, ctx.select_by)))
+                                markdown_table(results, ds, ctx.use_holm, ctx.select_by, excluded)))
         files.append(write_text(out / names.table_tex(ds),
-                                latex_table(results, ds, ctx.use_holm, ctx.select_by)))
+                                latex_table(results, ds, ctx.use_holm, ctx.select_by, excluded)))
         pareto = results.loc[part, ["dataset", "weights", "method", "lr_selected", "dice_mean",
                                     "ece_pct_mean", "pareto"]].copy()
         pareto["pareto_within_weights"] = within[part]
         files.append(write_csv(out / names.pareto_csv(ds), pareto.sort_values("ece_pct_mean")))
         files.append(write_png(out / names.fig1(ds), scatter_figure(results, ds)))
+        if data.slices.get(ds):
+            files.append(write_png(out / names.slices(ds), slice_figure(ds, data.slices[ds])))
         for w in sorted(results.loc[part, "weights"].unique(), key=weights_key):
             acc = {m: a for (d, ww, m), a in accuracy.items() if (d, ww) == (ds, w)}
             files.append(write_png(out / names.fig2(ds, w),
@@ -143,5 +174,6 @@ def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, .
     files.append(write_csv(out / names.DISPERSION, dispersion))
     # report.md last, so that the warnings raised while writing are in it too.
     files.append(write_text(out / names.REPORT,
-                            report_markdown(results, data.selections, dispersion, data.warn.messages, ctx)))
+                            report_markdown(results, data.selections, dispersion, data.warn.messages, ctx,
+                                            data.headline, sorted(data.slices))))
     return tuple(files)

@@ -116,7 +116,8 @@ def _dataset_section(ds: str, results: pd.DataFrame, selections: Sequence[Select
                      dispersion: pd.DataFrame, ctx: ReportContext) -> str:
     part = results[results["dataset"] == ds]
     weights = sorted(part["weights"].unique(), key=weights_key)
-    out = [f"## {ds}", "", markdown_table(results, ds, ctx.use_holm, ctx.select_by),
+    out = [f"## {ds}", "", markdown_table(results, ds, ctx.use_holm, ctx.select_by,
+                                          ctx.trials.excluded_from(ds)),
            f"Files: [{names.table_md(ds)}]({names.table_md(ds)}), "
            f"[{names.table_tex(ds)}]({names.table_tex(ds)}), "
            f"[{names.pareto_csv(ds)}]({names.pareto_csv(ds)}).", ""]
@@ -176,10 +177,46 @@ def _dataset_section(ds: str, results: pd.DataFrame, selections: Sequence[Select
     return "\n".join(out)
 
 
+def headline_markdown(headline: pd.DataFrame, slice_datasets: Sequence[str] = (),
+                      excluded: Sequence = ()) -> str:
+    """The report's first section: does the best post hoc method beat the base model?"""
+    if headline is None or headline.empty:
+        return "## Does calibration help?\n\nNo dataset × weights has both a base model and a calibration.\n"
+    truth = headline["base_true_ce_pct"].notna().any()
+    header = ["dataset", "weights", "base ECE %"] + (["base true CE %"] if truth else []) + \
+        ["best post hoc (by ECE)", "its ECE %"] + (["its true CE %"] if truth else []) + \
+        ["ECE vs base (Wilcoxon)"] + (["true CE vs base (Wilcoxon)"] if truth else []) + ["subjects"]
+    rows = []
+    for h in headline.itertuples(index=False):
+        lr = f" (lr {h.best_lr})" if h.best_lr else ""
+        row = [h.dataset, h.weights, _fmt(h.base_ece_pct)] + ([_fmt(h.base_true_ce_pct)] if truth else [])
+        row += [f"{method_label(h.best_method)}{lr}", _fmt(h.best_ece_pct)]
+        row += [_fmt(h.best_true_ce_pct)] if truth else []
+        row += [f"{h.ece_verdict} (p = {_p(h.ece_p_vs_base)})"]
+        row += [f"{h.true_ce_verdict} (p = {_p(h.true_ce_p_vs_base)})"] if truth else []
+        rows.append(row + [str(h.n_subjects)])
+    text = ["## Does calibration help?", "",
+            "Per dataset × weights: the base model, the post hoc method with the lowest mean ECE, "
+            "and a two-sided Wilcoxon signed-rank test of that method against the base model over "
+            "the subjects (p < 0.05: *lower* / *higher*). "
+            + ("The true calibration error is mean |p̂ − p*| against the phantoms' known voxel "
+               "probability, which ECE only estimates from sampled labels. " if truth else "")
+            + "Every dataset × weights is shown, whatever its outcome.", "", _md(header, rows)]
+    if excluded:
+        text += ["Left out as degenerate base models (calib.guard), with their calibrations: "
+                 + "; ".join(e.describe() for e in excluded) + ".", ""]
+    for ds in slice_datasets:
+        text += [f"![One test subject of {ds}: image, label, p*, base and calibrated probabilities "
+                 f"and their errors]({names.slices(ds)})", ""]
+    return "\n".join(text)
+
+
 def report_markdown(results: pd.DataFrame, selections: Sequence[Selection],
-                    dispersion: pd.DataFrame, warnings: Sequence[str], ctx: ReportContext) -> str:
-    """The full report.md text."""
-    parts = [_header(ctx), _rules(ctx, selections)]
+                    dispersion: pd.DataFrame, warnings: Sequence[str], ctx: ReportContext,
+                    headline: pd.DataFrame | None = None, slice_datasets: Sequence[str] = ()) -> str:
+    """The full report.md text: the headline answer first, then how it was computed."""
+    parts = [_header(ctx), headline_markdown(headline, slice_datasets, ctx.trials.excluded),
+             _rules(ctx, selections)]
     for ds in sorted(results["dataset"].unique()):
         parts.append(_dataset_section(ds, results, selections, dispersion, ctx))
     parts += ["## Files", "", _md(["file", "content"], [[f"`{k}`", v] for k, v in ctx.files.items()])]

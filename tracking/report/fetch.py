@@ -10,7 +10,9 @@ Which runs a report uses:
 
 In both scopes only FINISHED runs of the base and calibrate stages count, and of several FINISHED
 runs sharing one ``calib.trial_key`` the newest (latest start time) wins. Pretrain runs are not in
-the tables. The report files are logged to the given sweep run, or else to the newest sweep run of
+the tables. A base model the degenerate-model guard flagged (tag ``calib.degenerate``) is left
+out with every calibration of it (tag ``calib.upstream_key``): :attr:`TrialSet.excluded` names
+them, and the tables say so under each one. The report files are logged to the given sweep run, or else to the newest sweep run of
 the experiment.
 """
 
@@ -57,11 +59,29 @@ class TrialRun:
     protocol: str | None = None
     search: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    upstream_key: str | None = None
+    degenerate: str | None = None  # base runs: why the guard flagged the model
 
     def describe(self) -> str:
         """A short human name, e.g. ``run 1a2b… (brats18/CE/platt, fold 1, lr 0.001)``."""
         lr = f", lr {self.lr}" if self.lr else ""
         return f"run {self.run_id} ({self.dataset}/{self.weights}/{self.method}, fold {self.fold}{lr})"
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """A degenerate base model left out of the tables, with its calibrations."""
+
+    dataset: str
+    weights: str
+    fold: int
+    run_id: str
+    reason: str
+    n_calibrations: int
+
+    def describe(self) -> str:
+        return (f"{self.dataset}/{self.weights} fold {self.fold} (run {self.run_id}: {self.reason}) "
+                f"and its {self.n_calibrations} calibration run(s)")
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,10 @@ class TrialSet:
     log_run_id: str | None  # the sweep run that receives the report files
     ignored_by_status: dict[str, int]  # non-FINISHED trial runs left out, per status
     superseded: int  # older FINISHED runs of a trial key that a newer one replaced
+    excluded: tuple[Exclusion, ...] = ()  # degenerate base models and their calibrations
+
+    def excluded_from(self, dataset: str) -> tuple[Exclusion, ...]:
+        return tuple(e for e in self.excluded if e.dataset == dataset)
 
 
 def redact_uri(uri: str) -> str:
@@ -128,7 +152,8 @@ def _parse_trial(run) -> TrialRun:
         start_time=int(run.info.start_time or 0), stage=tags[S.STAGE], dataset=tags[S.DATASET],
         weights=tags[S.WEIGHTS], method=tags[S.METHOD], fold=fold, lr=tags.get(S.LR, "").strip(),
         trial_key=tags[S.TRIAL_KEY], protocol=tags.get(S.PROTOCOL) or None,
-        search=tags.get(S.SEARCH) or None, metrics=dict(run.data.metrics))
+        search=tags.get(S.SEARCH) or None, metrics=dict(run.data.metrics),
+        upstream_key=tags.get(S.UPSTREAM_KEY) or None, degenerate=tags.get(S.DEGENERATE) or None)
 
 
 def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None = None,
@@ -188,13 +213,29 @@ def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None 
             warn.warn(f"trial {t.dataset}/{t.weights}/{t.method} fold {t.fold}"
                       f"{' lr ' + t.lr if t.lr else ''} (key {t.trial_key}) has no FINISHED run; "
                       f"its latest, run {t.run_id}, is {t.status}")
-    runs = tuple(sorted(newest.values(),
-                        key=lambda t: (t.dataset, t.weights, t.method, t.lr, t.fold, t.run_id)))
-    if not runs:
+    if not newest:
         where = f"sweep run {sweep_run}" if scope == "sweep" else f"experiment {experiment!r}"
         raise ReportError(f"{where} has no FINISHED trial runs of stage base or calibrate")
+    kept, excluded = _leave_out_degenerate(list(newest.values()))
+    for e in excluded:
+        warn.warn(f"left out of the tables: degenerate base model {e.describe()}")
+    if not kept:
+        raise ReportError("every base model is degenerate (calib.guard), nothing to tabulate: "
+                          + "; ".join(e.describe() for e in excluded))
+    runs = tuple(sorted(kept, key=lambda t: (t.dataset, t.weights, t.method, t.lr, t.fold, t.run_id)))
     parents = tuple(sorted({t.parent_id for t in runs if t.parent_id}))
-    return TrialSet(exp_id, experiment, scope, runs, parents, log_run_id, ignored, superseded)
+    return TrialSet(exp_id, experiment, scope, runs, parents, log_run_id, ignored, superseded,
+                    tuple(excluded))
+
+
+def _leave_out_degenerate(runs: list[TrialRun]) -> tuple[list[TrialRun], list[Exclusion]]:
+    """Split off the degenerate base models and the calibrations that read them."""
+    bad = {t.trial_key: t for t in runs if t.stage == "base" and t.degenerate}
+    kept = [t for t in runs if t.trial_key not in bad and t.upstream_key not in bad]
+    excluded = [Exclusion(b.dataset, b.weights, b.fold, b.run_id, b.degenerate,
+                          sum(t.upstream_key == key for t in runs))
+                for key, b in bad.items()]
+    return kept, sorted(excluded, key=lambda e: (e.dataset, e.weights, e.fold))
 
 
 def _check_sweep_run(client: MlflowClient, run_id: str, exp_id: str, experiment: str) -> None:
@@ -226,6 +267,23 @@ class ArtifactReader:
     def reliability_bins(self, run: TrialRun) -> pd.DataFrame:
         """``subject_id`` (str), ``bin`` (int), ``count``, ``conf_sum``, ``pos_sum``."""
         return self._read(run, RELIABILITY_FILE, RELIABILITY_COLUMNS, int_columns=("bin",))
+
+    def preview(self, run: TrialRun) -> dict | None:
+        """The run's ``preview.npz`` (calib.preview) as arrays, or None when it has none (runs
+        from before previews were logged)."""
+        dst = self._workdir / run.run_id
+        dst.mkdir(parents=True, exist_ok=True)
+        try:
+            local = self._client.download_artifacts(run.run_id, S.PREVIEW, str(dst))
+        except (MlflowException, OSError):
+            return None
+        import numpy as np
+
+        try:
+            with np.load(local, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"{S.PREVIEW} of {run.describe()} is unreadable: {exc}") from None
 
     def _read(self, run: TrialRun, name: str, required: tuple[str, ...],
               int_columns: tuple[str, ...]) -> pd.DataFrame:

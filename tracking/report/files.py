@@ -5,12 +5,17 @@ from __future__ import annotations
 import re
 
 RESULTS = "results_long.csv"
+HEADLINE = "headline.csv"
 DISPERSION = "subject_dispersion.csv"
 REPORT = "report.md"
 FILE_DESCRIPTIONS = {
     RESULTS: "one row per dataset × weights × method: selected LR, subjects, mean Dice, mean ECE %, "
              "p vs best, bold, Pareto (DESIGN.md contract), then p vs base, protocol, selection "
              "rule, p adjustment, true CE % on phantoms",
+    HEADLINE: "per dataset × weights: the base model's ECE % and true CE %, the best post hoc "
+              "method's (lowest ECE), and the Wilcoxon verdict against the base model",
+    "slices_<dataset>.png": "one test subject's slice: image, label, p*, base and best calibrated "
+                            "probability, and their errors |p - p*|",
     "table_<dataset>.md": "Table 1/2: methods × weights × {Dice, ECE %}, bold cells (Markdown)",
     "table_<dataset>.tex": "the same table as a LaTeX float (booktabs)",
     "pareto_<dataset>.csv": "every point of the dataset with `pareto` (front over all weights) and "
@@ -41,6 +46,10 @@ def table_tex(dataset: str) -> str:
 
 def pareto_csv(dataset: str) -> str:
     return f"pareto_{_safe(dataset)}.csv"
+
+
+def slices(dataset: str) -> str:
+    return f"slices_{_safe(dataset)}.png"
 
 
 def fig1(dataset: str) -> str:

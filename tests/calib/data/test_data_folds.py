@@ -73,3 +73,29 @@ def test_read_folds_missing_or_broken_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         read_folds(tmp_path / "bad.json", IDS)
+
+
+def test_the_paper_folds_reproduce_the_published_case_lists():
+    import json
+
+    from calib.data import DataError, paper_folds_file, read_folds
+
+    sizes = {"brats18": [57] * 5, "isles18": [19, 19, 19, 19, 18]}
+    for dataset, expected in sizes.items():
+        published = json.loads(paper_folds_file(dataset).read_text())
+        ids = [s for fold in published.values() for s in fold]
+        folds = read_folds(paper_folds_file(dataset), ids)
+        assert [len(folds[k]) for k in range(5)] == expected
+        assert {k: sorted(v) for k, v in folds.items()} == \
+            {int(k): sorted(v) for k, v in published.items()}
+        assert len(set(ids)) == sum(expected)
+    # spot checks against the public code's lists
+    brats = read_folds(paper_folds_file("brats18"), [f"case_{i}" for i in range(285)])
+    assert "case_5" in brats[0] and "case_16" in brats[1] and "case_0" in brats[3]
+    isles = read_folds(paper_folds_file("isles18"), [f"case_{i}" for i in range(94)])
+    assert "case_2" in isles[0] and "case_9" in isles[4]
+    # a dataset lacking listed cases: one error naming them
+    with pytest.raises(DataError, match=r"not in the dataset: case_0, case_1"):
+        read_folds(paper_folds_file("isles18"), [f"case_{i}" for i in range(2, 94)])
+    with pytest.raises(DataError, match="publishes no folds for dataset 'wmh17'"):
+        paper_folds_file("wmh17")

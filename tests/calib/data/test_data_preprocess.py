@@ -236,3 +236,26 @@ def test_load_subject_truncated_file_names_it(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DataError, match=r"s1\.npz: unreadable cached subject 's1'"):
         load_subject(tmp_path, "s1")
+
+
+@pytest.mark.parametrize("dataset", ["brats18", "isles18"])
+def test_fixed_normalisation_is_the_public_codes_shift_and_scale(phantom_roots, tmp_path, dataset):
+    root = phantom_roots[dataset]
+    shape = (32, 32, 24)  # the whole head: no padding, every voxel was resampled
+    subject = _run(dataset, root, tmp_path / "out", shape=shape)
+    fixed = _run(dataset, root, tmp_path / "out", shape=shape, normalisation="fixed")
+    assert fixed != subject  # its own cache entry
+    assert read_meta(fixed)["config"]["normalization"].startswith("fixed")
+    shifts, scales = (np.array(v)[:, None] for v in zip(*(
+        pp.FIXED_NORMALISATION[dataset][c] for c in read_meta(fixed)["channels"])))
+    for sid in read_meta(fixed)["subjects"]:
+        a, b = load_subject(subject, sid), load_subject(fixed, sid)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        # undoing the fixed shift/scale gives the raw resampled intensities, whose z-score in
+        # the mask is what the per-subject normalisation wrote
+        raw = b.image[:, b.mask] * scales + shifts
+        z = (raw - raw.mean(axis=1, keepdims=True)) / raw.std(axis=1, keepdims=True)
+        np.testing.assert_allclose(z, a.image[:, a.mask], atol=2e-3)
+        assert b.image[:, ~b.mask].any()  # not zeroed outside the mask, as the public code
+    with pytest.raises(DataError, match="unknown normalisation 'zscore'; valid choices: subject, fixed"):
+        _run(dataset, root, tmp_path / "bad", normalisation="zscore")
