@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     base_dir = tmp_path_factory.mktemp("apply")
     root = base_dir / "brats18"
-    write_phantoms("brats18", root, 4, seed=0, shape=(36, 36, 24))
+    write_phantoms("brats18", root, 6, seed=0, shape=(36, 36, 24))
     cache = preprocess_dataset("brats18", root, base_dir / "cache", SPACING, SHAPE, workers=1, progress=False)
     folds = make_folds(read_meta(cache)["subjects"], 2, 0)
     split = make_split(cache, folds, 0)
