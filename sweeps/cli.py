@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", help="Ray Tune checkpoint storage; shared by all nodes "
                                           "(default <work-dir>/ray_results)")
     p.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--system-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help="log system/* metrics (CPU, memory, disk, network, GPU) on every trial run "
+                        "(default: the grid's execution.system_metrics; on in the paper grid)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     return p
@@ -82,7 +85,8 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
                          experiment=args.experiment, data_roots=parse_data_roots(args.data_root),
                          search=args.search, max_concurrent=args.max_concurrent,
                          work_dir=args.work_dir, storage_path=args.storage_path,
-                         num_cpus=args.num_cpus, report=not args.no_report, verbose=args.verbose)
+                         num_cpus=args.num_cpus, report=not args.no_report, verbose=args.verbose,
+                         system_metrics=args.system_metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
