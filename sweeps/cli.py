@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this launch counts as dead (another --resume may take over) once its "
                         "heartbeat, refreshed every min(30, SECONDS/6) s, is older than this "
                         "(default 180)")
+    p.add_argument("--system-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help="log system/* metrics (CPU, memory, disk, network, GPU) on every trial run "
+                        "(default: the grid's execution.system_metrics; on in the paper grid)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     return p
@@ -101,7 +104,8 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
                          search=args.search, max_concurrent=args.max_concurrent,
                          work_dir=args.work_dir, storage_path=args.storage_path,
                          num_cpus=args.num_cpus, report=not args.no_report, verbose=args.verbose,
-                         force_concurrent=args.force_concurrent, lease_timeout=args.lease_timeout)
+                         force_concurrent=args.force_concurrent, lease_timeout=args.lease_timeout,
+                         system_metrics=args.system_metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

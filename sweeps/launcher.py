@@ -27,6 +27,7 @@ from sweeps.config import GridConfig, GridError, Overrides, frozen_map, load_gri
 from sweeps.plan import Plan, expand
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
+ENTRY_POINT = "sweeps/launch.py"  # mlflow.source.name of every run a launch creates
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class LaunchOptions:
     force_concurrent: bool = False  # run beside a live launch, only the trials it has not claimed
     lease_timeout: float = 180.0  # seconds without a heartbeat after which this launch counts as dead
     stage_runner: Callable | None = None  # tests: replaces sweeps.stage_runner.run_stage
+    system_metrics: bool | None = None  # log system/* metrics per trial; None: the grid's setting
 
 
 def _err(msg: str, err: TextIO) -> int:
@@ -165,6 +167,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     from sweeps.trainable import TrialContext
     from tracking import runs as tr
     from tracking.lease import Heartbeat, driver_tags, heartbeat_every, live_leases
+    from tracking.models import prepare_experiment, source_tags
     from tracking.store import client as make_client, get_or_create_experiment, local_store_path, ui_command
 
     client = make_client(uri)
@@ -179,6 +182,8 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     for other in live:
         print(f"note: {other.describe()} is live on experiment {experiment}; --force-concurrent: "
               "this launch runs only the trials it has not claimed", file=out)
+    runs_url = prepare_experiment(client, exp_id, uri)  # the UI opens on the runs (tracking.models)
+    run_tags = source_tags(ENTRY_POINT, git_commit())
     if opts.resume:
         closed = tr.close_stale_runs(client, exp_id)
         if closed:
@@ -207,13 +212,16 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
         grid_yaml = grid.to_yaml()
         parent = tr.start_sweep_run(client, exp_id, grid_name=grid.name, grid_yaml=grid_yaml,
                                     git_commit=git_commit(), resumed=opts.resume,
-                                    extra_tags=driver_tags(opts.lease_timeout))
+                                    extra_tags={**driver_tags(opts.lease_timeout), **run_tags})
         beat = Heartbeat(make_client(uri), parent, heartbeat_every(opts.lease_timeout)).start()
         print(f"launch: grid {grid.name}, {len(plan.trials)} trials, {len(todo)} to run; "
               f"experiment {experiment}; sweep run {parent}", file=out, flush=True)
+        print(f"runs: {runs_url}", file=out, flush=True)
 
         data, data_errors = _prepare(grid, todo, err)
-        ctx = TrialContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, data=data)
+        system = opts.system_metrics if opts.system_metrics is not None else grid.execution.system_metrics
+        ctx = TrialContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, data=data,
+                           run_tags=run_tags, system_metrics=system)
         settings = ExecutionSettings(storage_path=_storage_path(opts, grid),
                                      launch_name=f"{grid.name}-{parent[:8]}",
                                      max_failures=grid.execution.max_failures,
@@ -247,7 +255,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     print(degenerate_text(degenerate_models(client, exp_id, plan.by_key)), file=out)
     if opts.report:
         _report(experiment, uri, parent, grid.work_dir / "report", out, err)
-    print(f"\nbrowse the runs: {ui_command(uri)}", file=out, flush=True)
+    print(f"\nbrowse the runs: {ui_command(uri)}, then {runs_url}", file=out, flush=True)
     return EXIT_OK if ok else EXIT_TRIALS_FAILED
 
 
@@ -319,6 +327,8 @@ def _report(experiment: str, uri: str, parent: str, out_dir: Path, out: TextIO, 
         print(f"report: failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=err)
         return
     print(f"report: {out_dir} ({len(outcome.files)} files)", file=out)
+    for r in getattr(outcome, "registered", ()):
+        print(f"registered {r.uri}: {r.dataset}/{r.weights}/{r.method}", file=out)
     for w in outcome.warnings[:5]:
         print(f"report warning: {w}", file=out)
     if len(outcome.warnings) > 5:
