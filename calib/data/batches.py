@@ -1,8 +1,8 @@
 """Batches of whole preprocessed volumes (image, label, mask) for U-Net training and fine-tuning.
 
-The subjects are memory-mapped from the cache (``cache.map_subject``, uncompressed members), and
-each batch is assembled -- one copy from the OS page cache into the batch tensors -- by a
-``torch.utils.data.DataLoader``: in ``workers`` worker processes that keep up to two batches
+Each batch is assembled by reading the subjects' uncompressed arrays (cache format 2,
+``cache.stored_arrays``) from the OS page cache straight into the batch tensors -- one copy, no
+inflating -- by a ``torch.utils.data.DataLoader``: in ``workers`` worker processes that keep up to two batches
 each ready ahead of the training thread, or in the training thread itself when ``workers=0``.
 With ``pin_memory`` the batches come in page-locked memory, so the ``non_blocking`` copy of
 ``calib.training`` overlaps the device's work. ``bench/dataloader.py`` measures the throughput
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 #: Environment variable that sets the default number of loader worker processes.
 WORKERS_ENV = "CALIB_LOADER_WORKERS"
@@ -35,7 +35,7 @@ def default_workers() -> int:
     ``min(2, usable CPUs)`` when CUDA is available and 0 without it.
 
     Why 0 on CPU: there the training step is the bottleneck by far (paper BraTS net, batch 2:
-    ~80 s per step on 2 cores, while one mapped batch is assembled in tens of milliseconds,
+    ~80 s per step on 2 cores, while one batch is read in tens of milliseconds,
     ``bench/dataloader.py``), and a trial owns as many cores as its torch threads (one on a 2-core
     machine with 1-CPU trials); a worker process would only take a core from the step. On CUDA the
     training thread waits on the device, so two workers prepare the next batches in the meantime.
@@ -73,32 +73,42 @@ class _EpochOrder(Sampler):
 
 
 class _VolumeDataset(Dataset):
-    """``dataset[list of indices]`` -> one assembled batch dict (picklable: paths and ids only)."""
+    """``dataset[list of indices]`` -> one assembled batch dict (picklable: paths and ids only).
 
-    def __init__(self, cache_dir: Path, subject_ids: tuple[str, ...]):
-        self.cache_dir, self.subject_ids = cache_dir, subject_ids
+    The batch tensors are allocated where they must end up, so each voxel is copied once here:
+    in a worker process in shared memory (else pickling them to the training process copies
+    them again), in the training process page-locked when ``pin`` (then the DataLoader's
+    ``pin_memory`` has nothing left to copy).
+    """
+
+    def __init__(self, cache_dir: Path, subject_ids: tuple[str, ...], pin: bool = False):
+        self.cache_dir, self.subject_ids, self.pin = cache_dir, subject_ids, pin
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if get_worker_info() is not None:
+            return torch.empty(shape, dtype=dtype).share_memory_()
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
     def __len__(self) -> int:
         return len(self.subject_ids)
 
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        from .cache import map_subject
+        from .cache import stored_arrays
 
         names = [self.subject_ids[i] for i in indices]
-        subjects = [map_subject(self.cache_dir, sid) for sid in names]
+        subjects = [stored_arrays(self.cache_dir, sid) for sid in names]
         shapes = {s["image"].shape for s in subjects}
         if len(shapes) != 1:
             raise ValueError(f"subjects {names} have different shapes {sorted(shapes)}; "
                              "a batch needs one shape (preprocess them to one shape)")
         b, (c, *spatial) = len(subjects), shapes.pop()
-        image = torch.empty((b, c, *spatial), dtype=torch.float32)
-        label = torch.empty((b, 1, *spatial), dtype=torch.float32)
-        mask = torch.empty((b, 1, *spatial), dtype=torch.bool)
-        # One copy each from the mapped pages into the batch (numpy views of the tensors)
-        for i, s in enumerate(subjects):
-            np.copyto(image[i].numpy(), s["image"], casting="same_kind")
-            np.greater(s["label"], 0, out=label[i, 0].numpy(), casting="unsafe")
-            np.copyto(mask[i, 0].numpy(), s["mask"], casting="unsafe")
+        image = self._empty((b, c, *spatial), torch.float32)
+        label = self._empty((b, 1, *spatial), torch.float32)
+        mask = self._empty((b, 1, *spatial), torch.bool)
+        for i, s in enumerate(subjects):  # the tensors' numpy views are filled in place
+            s["image"].read_into(image[i].numpy())
+            np.greater(s["label"].read(), 0, out=label[i, 0].numpy(), casting="unsafe")
+            s["mask"].read_into(mask[i, 0].numpy())
         return {"image": image, "label": label, "mask": mask}
 
 
@@ -143,7 +153,7 @@ class VolumeBatches:
     def batches(self, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The batches of ``epoch`` (0-based), in the order ``(seed, epoch)`` gives."""
         order = _EpochOrder(len(self.subject_ids), self.batch_size, self.shuffle, self.seed, epoch)
-        loader = DataLoader(_VolumeDataset(self.cache_dir, self.subject_ids), batch_size=None,
+        loader = DataLoader(_VolumeDataset(self.cache_dir, self.subject_ids, self.pin_memory), batch_size=None,
                             sampler=order, collate_fn=_as_is, num_workers=self.workers,
                             pin_memory=self.pin_memory)
         return iter(loader)

@@ -7,10 +7,11 @@ changed source file gets a new folder and never mixes with an old one. The folde
 rename after every file in it is complete, so a folder that exists with ``meta.json`` is whole.
 
 Since cache format 2 (``preprocess.FORMAT_VERSION``) the ``.npz`` members are *stored*, not
-deflated (:func:`write_subject`): a paper-size BraTS subject is ~24 MB on disk instead of ~3 MB,
-but each array is a plain ``.npy`` at a fixed offset of the file, so :func:`map_subject` can
-memory-map it and a training epoch copies pages from the OS cache instead of inflating ~5 GB of
-zlib per fold. ``np.load`` still reads both formats, so :func:`load_subject` is unchanged.
+deflated (:func:`write_subject`): a paper-size BraTS subject is ~27 MB on disk instead of ~3 MB,
+but each array is a plain ``.npy`` at a fixed offset of the file (:func:`stored_arrays`), so the
+volume loader reads it from the OS page cache straight into its batch instead of inflating
+~6 GB of zlib per fold and epoch. ``np.load`` reads both formats, so :func:`load_subject` is
+unchanged.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def load_subject(cache_dir: Path, subject_id: str) -> Subject:
 def write_subject(path: Path, **arrays: np.ndarray) -> None:
     """Write one subject's arrays as an uncompressed ``.npz`` (``np.savez``), atomically.
 
-    Uncompressed so that :func:`map_subject` can memory-map every member; the file is complete
+    Uncompressed so that every member can be read raw at its offset (:func:`stored_arrays`); the
+    file is complete
     or absent (temp file beside it, fsync, rename), as every file of the cache.
     """
     with atomic.atomic_open(Path(path), "wb") as handle:
@@ -153,38 +155,103 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
-def _map_member(path: Path, fh, info: zipfile.ZipInfo, file_size: int) -> np.ndarray:
-    """A read-only memory map of the stored ``.npy`` member ``info`` of the open zip ``fh``."""
+@dataclass(frozen=True)
+class StoredArray:
+    """Where one array of a cached subject lies: ``nbytes`` raw bytes at ``offset`` of ``path``.
+
+    ``offset`` is None for a deflated member (format 1 caches), which is read whole via zipfile.
+    """
+
+    path: Path
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    offset: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill ``out`` (C-contiguous, this shape; same dtype for a straight read) with the array.
+
+        A stored float32 member is read with one ``readinto`` from the OS page cache straight
+        into ``out`` -- no inflating, no temporary, no page faults of a memory map (which cost
+        ~6x more than the copy itself on the 2-core VM, ``bench/dataloader.py``). Any other case
+        reads the array and converts it into ``out`` (``np.copyto``, ``same_kind``).
+        """
+        if out.shape != self.shape:
+            raise ValueError(f"{self.path}: {self.name} is {self.shape}, the buffer {out.shape}")
+        if self.offset is None or self.fortran or out.dtype != self.dtype or not out.flags.c_contiguous:
+            np.copyto(out, self.read(), casting="same_kind")
+        else:
+            self._read_raw(out)
+
+    def _read_raw(self, out: np.ndarray) -> None:
+        try:
+            with open(self.path, "rb", buffering=0) as fh:
+                fh.seek(self.offset)
+                got = fh.readinto(memoryview(out).cast("B"))
+        except OSError as exc:
+            raise DataError(f"{self.path}: unreadable cached array {self.name!r} ({exc})") from exc
+        if got != self.nbytes:
+            raise DataError(f"{self.path}: truncated cached array {self.name!r} "
+                            f"({got} of {self.nbytes} bytes)")
+
+    def read(self) -> np.ndarray:
+        """The array, read whole (a new array)."""
+        if self.offset is None:
+            try:
+                with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.name}.npy") as member:
+                    return np.lib.format.read_array(member, allow_pickle=False)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                raise DataError(f"{self.path}: unreadable cached array {self.name!r} ({exc})") from exc
+        # A Fortran-order array is the C-order array of the reversed shape, transposed.
+        out = np.empty(self.shape[::-1] if self.fortran else self.shape, self.dtype)
+        self._read_raw(out)
+        return out.T if self.fortran else out
+
+
+def _read_npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from the ``.npy`` header at the position of ``fh``."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f".npy format {version} is not one the cache writes")
+    if dtype.hasobject:
+        raise ValueError("object arrays are never cached")
+    return tuple(shape), bool(fortran), dtype
+
+
+def _locate_member(path: Path, fh, info: zipfile.ZipInfo, file_size: int) -> StoredArray:
+    """Offset, shape and dtype of the ``.npy`` member ``info`` of the open zip ``fh``."""
     fh.seek(info.header_offset)
     signature, name_len, extra_len = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))
     if signature != _LOCAL_SIGNATURE:
         raise ValueError(f"member {info.filename}: no local header at offset {info.header_offset}")
     start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
     fh.seek(start)
-    version = np.lib.format.read_magic(fh)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(fh)
-    if dtype.hasobject:
-        raise ValueError(f"member {info.filename}: object arrays are never cached")
-    offset = fh.tell()
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if offset + nbytes > min(start + info.file_size, file_size):
-        raise ValueError(f"member {info.filename}: {nbytes} data bytes do not fit in the file")
-    if nbytes == 0:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    shape, fortran, dtype = _read_npy_header(fh)
+    found = StoredArray(path, info.filename[:-4], shape, dtype, fortran, fh.tell())
+    if found.offset + found.nbytes > min(start + info.file_size, file_size):
+        raise ValueError(f"member {info.filename}: {found.nbytes} data bytes do not fit in the file")
+    return found
 
 
-def map_subject(cache_dir: Path, subject_id: str) -> dict[str, np.ndarray]:
-    """The arrays of ``<cache_dir>/<subject_id>.npz`` by name, memory-mapped read-only.
+def stored_arrays(cache_dir: Path, subject_id: str) -> dict[str, StoredArray]:
+    """Where the arrays of ``<cache_dir>/<subject_id>.npz`` lie, by name; nothing is read yet.
 
-    Stored members (cache format 2, :func:`write_subject`) are mapped without being read: the
-    pages come from the OS cache when they are used. Deflated members (format 1 caches) are
-    read whole. Shapes and dtypes are those of :class:`Subject`. Raises DataError for an
+    The loader reads them straight into its batch (:meth:`StoredArray.read_into`). Stored
+    members (cache format 2, :func:`write_subject`) are located by their zip and ``.npy``
+    headers; deflated ones (format 1) are read whole when asked for. Raises DataError for an
     unknown id (as :func:`load_subject`), a missing array, or a file that is truncated or not an
-    ``.npz`` (naming the file). Unlike ``np.load``, mapped members are not CRC-checked: the
-    atomic writer guarantees a file is whole, and a truncation is still caught here because the
-    zip's directory sits at its end.
+    ``.npz`` (naming the file). Unlike ``np.load``, raw reads skip the zip's CRC: the atomic
+    writer guarantees a file is whole, and truncation is still caught -- the zip's directory
+    sits at its end, and a short read is an error.
     """
     path = Path(cache_dir) / f"{subject_id}.npz"
     if not path.is_file():
@@ -192,19 +259,20 @@ def map_subject(cache_dir: Path, subject_id: str) -> dict[str, np.ndarray]:
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
-            members = {info.filename[:-4]: info for info in zf.infolist() if info.filename.endswith(".npy")}
-            missing = [k for k in SUBJECT_ARRAYS if k not in members]
-            if missing:
-                raise DataError(f"{path} lacks array(s) {', '.join(missing)}")
             arrays = {}
-            for name, info in members.items():
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
                 if info.compress_type == zipfile.ZIP_STORED:
-                    arrays[name] = _map_member(path, fh, info, file_size)
+                    arrays[info.filename[:-4]] = _locate_member(path, fh, info, file_size)
                 else:  # a format-1 (compressed) cache: correct, only slower
                     with zf.open(info) as member:
-                        arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
-            return arrays
-    except DataError:
-        raise
+                        shape, fortran, dtype = _read_npy_header(member)
+                    arrays[info.filename[:-4]] = StoredArray(path, info.filename[:-4], shape, dtype,
+                                                             fortran, None)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: unreadable cached subject {subject_id!r} ({exc})") from exc
+    missing = [k for k in SUBJECT_ARRAYS if k not in arrays]
+    if missing:
+        raise DataError(f"{path} lacks array(s) {', '.join(missing)}")
+    return arrays

@@ -1,4 +1,4 @@
-"""The memory-mapped cache format and the volume loader: content, order, workers, errors."""
+"""The uncompressed cache format (format 2) and the volume loader: content, order, workers, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from calib.data import DataError, load_subject, preprocess_dataset, read_meta
 from calib.data.batches import WORKERS_ENV, VolumeBatches, default_workers
-from calib.data.cache import map_subject, write_subject
+from calib.data.cache import stored_arrays, write_subject
 from calib.methods.volumes import VolumeBatches as ReExported
 
 SHAPE = (2, 6, 5, 4)
@@ -117,35 +117,47 @@ def test_bad_loader_arguments(cache, monkeypatch):
     assert ReExported is VolumeBatches  # calib.methods.volumes keeps its importers working
 
 
-def test_map_subject_maps_stored_members_and_reads_compressed_ones(tmp_path):
+def test_stored_arrays_read_raw_members_and_compressed_ones(tmp_path):
     rng = np.random.default_rng(2)
     arrays = dict(_subject(rng), true_prob=rng.random(SHAPE[1:]).astype(np.float32))
     write_subject(tmp_path / "new.npz", **arrays)
     np.savez_compressed(tmp_path / "old.npz", **arrays)  # a format-1 cache file
-    for sid in ("new", "old"):
-        mapped = map_subject(tmp_path, sid)
-        assert sorted(mapped) == ["image", "label", "mask", "true_prob"]
+    np.savez(tmp_path / "fortran.npz", **{k: np.asfortranarray(v) for k, v in arrays.items()})
+    for sid in ("new", "old", "fortran"):
+        stored = stored_arrays(tmp_path, sid)
+        assert sorted(stored) == ["image", "label", "mask", "true_prob"]
         for k, v in arrays.items():
-            assert mapped[k].dtype == v.dtype and mapped[k].shape == v.shape
-            np.testing.assert_array_equal(mapped[k], v)
-    assert all(isinstance(a, np.memmap) for a in map_subject(tmp_path, "new").values())
-    assert not any(isinstance(a, np.memmap) for a in map_subject(tmp_path, "old").values())
+            assert stored[k].dtype == v.dtype and stored[k].shape == v.shape
+            np.testing.assert_array_equal(stored[k].read(), v)
+            out = np.full(v.shape, 7, v.dtype)
+            stored[k].read_into(out)
+            np.testing.assert_array_equal(out, v)
+        as_float = np.zeros(SHAPE[1:], np.float64)  # read_into converts to the buffer's dtype
+        stored["true_prob"].read_into(as_float)
+        np.testing.assert_array_equal(as_float, arrays["true_prob"])
+        with pytest.raises(ValueError, match=r"image is \(2, 6, 5, 4\), the buffer \(2, 6, 5\)"):
+            stored["image"].read_into(np.zeros(SHAPE[:3], np.float32))
+    assert all(a.offset is not None for a in stored_arrays(tmp_path, "new").values())
+    assert all(a.offset is None for a in stored_arrays(tmp_path, "old").values())
     np.testing.assert_array_equal(load_subject(tmp_path, "new").image, arrays["image"])
 
 
-def test_map_subject_errors_name_the_file(tmp_path):
+def test_stored_arrays_errors_name_the_file(tmp_path):
     rng = np.random.default_rng(3)
     write_subject(tmp_path / "s1.npz", **_subject(rng))
     with pytest.raises(DataError, match="subject 'nobody' not in cache"):
-        map_subject(tmp_path, "nobody")
+        stored_arrays(tmp_path, "nobody")
     np.savez(tmp_path / "part.npz", image=np.zeros(SHAPE, np.float32))
     with pytest.raises(DataError, match=r"part\.npz lacks array\(s\) label, mask"):
-        map_subject(tmp_path, "part")
+        stored_arrays(tmp_path, "part")
     path = tmp_path / "s1.npz"
+    located = stored_arrays(tmp_path, "s1")
     full = path.read_bytes()
     path.write_bytes(full[: len(full) // 2])  # cut short: the zip directory at the end is gone
     with pytest.raises(DataError, match=r"s1\.npz: unreadable cached subject 's1'"):
-        map_subject(tmp_path, "s1")
+        stored_arrays(tmp_path, "s1")
+    with pytest.raises(DataError, match=r"s1\.npz: truncated cached array 'mask'"):
+        located["mask"].read()  # located before the cut: the short read is caught
     with pytest.raises(DataError, match=r"s1\.npz: unreadable cached subject 's1'"):
         load_subject(tmp_path, "s1")
     # A directory that claims more data than the file holds (a member overwritten in place).
@@ -157,7 +169,7 @@ def test_map_subject_errors_name_the_file(tmp_path):
         for k in ("label", "mask"):
             zf.writestr(f"{k}.npy", header + b"\0" * 16)
     with pytest.raises(DataError, match=r"big\.npz: unreadable cached subject 'big'.*do not fit"):
-        map_subject(tmp_path, "big")
+        stored_arrays(tmp_path, "big")
 
 
 def test_preprocess_writes_mappable_subjects(phantom_roots, tmp_path):
@@ -168,6 +180,7 @@ def test_preprocess_writes_mappable_subjects(phantom_roots, tmp_path):
     for sid in meta["subjects"]:
         with zipfile.ZipFile(cache / f"{sid}.npz") as zf:
             assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
-        mapped, loaded = map_subject(cache, sid), load_subject(cache, sid)
+        stored, loaded = stored_arrays(cache, sid), load_subject(cache, sid)
         for k in ("image", "label", "mask", "true_prob"):
-            np.testing.assert_array_equal(mapped[k], getattr(loaded, k))
+            assert stored[k].offset is not None
+            np.testing.assert_array_equal(stored[k].read(), getattr(loaded, k))
