@@ -1,138 +1,37 @@
 """Non-parametric maps of the base probability: histogram binning and isotonic regression.
 
-Both read the base stage's logit cache only (``uses = "logits"``), turn the cached logits into
-base probabilities ``p = sigmoid(z)`` and fit a map ``p -> q`` on the calibration voxels -- the
-voxels inside the brain mask of the subjects passed as ``train`` (the protocol passes the
-calibration split there). They have no epochs: :meth:`fit` is one closed-form fit, and its
-``FitResult`` says so (``epochs_run = 0``, ``stop_reason = "closed_form"``, no history); its
-``best_val_loss`` is the mean BCE (:func:`calib.metrics.nll`, p clipped to [1e-7, 1 - 1e-7]) of the
-fitted map over the voxels of ``val``.
-
-Subsampling: when the calibration voxels exceed ``max_voxels`` (default 2,000,000) each voxel is
-kept with probability ``max_voxels / total``, drawn from ``numpy.random.default_rng([seed, i])``
-for the i-th subject, so the same split and seed always fit the same map. The expected number of
-kept voxels is ``max_voxels``.
-
-The fitted state is a few tensors (bin edges and values, or the isotonic thresholds), so a method
-saves and loads through ``state_dict`` like every other (:meth:`CalibrationMethod.save` stores
-tensors only).
+Both are fitted in closed form on the calibration voxels, without epochs, and subsample them
+deterministically when there are more than ``max_voxels`` (default 2,000,000); see
+:mod:`calib.methods.closed_form` for the fit, the ``FitResult`` (0 epochs, ``best_val_loss`` =
+BCE on the validation voxels) and the subsampling rule. Their state -- bin edges and values, or the
+isotonic thresholds -- is a pair of float64 tensors.
 """
 
 from __future__ import annotations
-
-import abc
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.special import expit
 
-from calib import metrics
-from calib.methods.base import CalibrationMethod, SubjectRef, SubjectSet
-from calib.methods.params import MethodError
-from calib.training import EpochResult, FitResult
-
-#: Calibration voxels fitted at most (in expectation; see the module doc).
-MAX_VOXELS = 2_000_000
+from calib.methods.closed_form import ClosedFormMap
 
 
-def base_probability(subject: SubjectRef) -> np.ndarray:
-    """``sigmoid`` of one subject's cached base logits, float64 (X, Y, Z)."""
-    return expit(subject.logits.astype(np.float64))
+class ProbabilityMap(ClosedFormMap):
+    """A map ``q = f(p)`` of the base probability ``p = sigmoid(z)``; subclasses implement
+    :meth:`fit_probabilities` and :meth:`apply`."""
 
+    def fit_map(self, z: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.fit_probabilities(expit(z), y)
 
-def calibration_voxels(subjects: SubjectSet, max_voxels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Base probabilities and labels of the voxels inside the masks of ``subjects`` (flat float64
-    and uint8), thinned deterministically to about ``max_voxels`` (module doc)."""
-    refs = list(subjects)
-    total = sum(int(r.mask.sum()) for r in refs)
-    if total == 0:
-        raise MethodError(f"no subject of {len(refs)} ({', '.join(subjects.subject_ids[:5])}"
-                          f"{' ...' if len(refs) > 5 else ''}) has a voxel inside its mask")
-    keep_rate = min(1.0, max_voxels / total)
-    probs, labels = [], []
-    for i, ref in enumerate(refs):
-        mask = ref.mask
-        p = base_probability(ref)[mask]
-        y = ref.label[mask]
-        if keep_rate < 1.0:
-            keep = np.random.default_rng([seed, i]).random(p.size) < keep_rate
-            p, y = p[keep], y[keep]
-        probs.append(p)
-        labels.append(y)
-    return np.concatenate(probs), np.concatenate(labels).astype(np.uint8)
+    def fit_probabilities(self, p: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
-
-class ProbabilityMap(CalibrationMethod, abc.ABC):
-    """A monotone-ish map of the base probability fitted in closed form (module doc).
-
-    Subclasses implement :meth:`fit_map` (set the state from flat ``p``, ``y``) and :meth:`apply`
-    (``p -> q`` for any array of base probabilities).
-    """
-
-    uses = "logits"
-    DEFAULTS = {"max_voxels": MAX_VOXELS, "seed": 0}
-
-    def __init__(self, params: Mapping | None = None, **context):
-        super().__init__(params, **context)
-        self._state: dict[str, torch.Tensor] | None = None
-
-    @abc.abstractmethod
-    def fit_map(self, p: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
-        """The fitted state from base probabilities ``p`` (float64) and labels ``y`` (0/1)."""
-
-    @abc.abstractmethod
     def apply(self, p: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (float64, same shape) of base probabilities ``p``."""
+        raise NotImplementedError
 
-    @property
-    def fitted(self) -> bool:
-        return self._state is not None
-
-    def _require_fitted(self) -> dict[str, torch.Tensor]:
-        if self._state is None:
-            raise MethodError(f"method {self.name!r} has not been fitted (call fit or load a saved one)")
-        return self._state
-
-    def fit(self, train: SubjectSet, val: SubjectSet, device: torch.device,
-            callbacks: Sequence[Callable[[EpochResult], None]] = (),
-            checkpoint_path: Path | None = None) -> FitResult:
-        """Fit the map on ``train``'s voxels; score it on ``val``. ``device``, ``callbacks`` and
-        ``checkpoint_path`` are accepted for the interface and unused (no epochs, seconds of work)."""
-        train.require("logits", self.name)
-        val.require("logits", self.name)
-        p, y = calibration_voxels(train, self.params["max_voxels"], self.params["seed"])
-        self._state = {k: v.detach().cpu() for k, v in self.fit_map(p, y).items()}
-        return FitResult(best_val_loss=self.validation_loss(val), best_epoch=0, epochs_run=0,
-                         history=[], stop_reason="closed_form")
-
-    def validation_loss(self, val: SubjectSet) -> float:
-        """Mean BCE of the fitted map over every voxel inside the masks of ``val``."""
-        total, count = 0.0, 0
-        for ref in val:
-            mask = ref.mask
-            n = int(mask.sum())
-            if n:
-                q = self.apply(base_probability(ref)[mask])
-                total += metrics.nll(q, ref.label[mask]) * n
-                count += n
-        return total / count if count else float("nan")
-
-    def _predict_prob(self, subject: SubjectRef, device: torch.device) -> np.ndarray:
-        return self.apply(base_probability(subject)).astype(np.float32)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self._require_fitted().items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        expected = set(self.STATE_KEYS)
-        if set(state) != expected:
-            raise RuntimeError(f"expected state keys {sorted(expected)}, got {sorted(state)}")
-        self._state = {k: torch.as_tensor(v, dtype=torch.float64).detach().cpu().clone()
-                       for k, v in state.items()}
-
-    STATE_KEYS: tuple[str, ...] = ()
+    def map_logits(self, z: np.ndarray) -> np.ndarray:
+        return self.apply(expit(z))
 
 
 class HistogramBinning(ProbabilityMap):
@@ -160,10 +59,10 @@ class HistogramBinning(ProbabilityMap):
     """
 
     name = "histogram_binning"
-    DEFAULTS = {**ProbabilityMap.DEFAULTS, "n_bins": 20}
+    DEFAULTS = {**ClosedFormMap.DEFAULTS, "n_bins": 20}
     STATE_KEYS = ("inner_edges", "values")
 
-    def fit_map(self, p: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
+    def fit_probabilities(self, p: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
         edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, self.params["n_bins"] + 1)))
         inner = edges[1:-1]
         idx = np.searchsorted(inner, p, side="right")
@@ -177,9 +76,8 @@ class HistogramBinning(ProbabilityMap):
                 "values": torch.from_numpy(values.astype(np.float64))}
 
     def apply(self, p: np.ndarray) -> np.ndarray:
-        state = self._require_fitted()
-        inner = state["inner_edges"].numpy()
-        return state["values"].numpy()[np.searchsorted(inner, p, side="right")]
+        state = self.state()
+        return state["values"][np.searchsorted(state["inner_edges"], p, side="right")]
 
     def describe(self) -> dict[str, float]:
         return {"hist_bins": float(self._state["values"].numel())} if self.fitted else {}
@@ -204,7 +102,7 @@ class IsotonicCalibration(ProbabilityMap):
     name = "isotonic"
     STATE_KEYS = ("x_thresholds", "y_thresholds")
 
-    def fit_map(self, p: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
+    def fit_probabilities(self, p: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
         from sklearn.isotonic import IsotonicRegression
 
         iso = IsotonicRegression(increasing=True, y_min=0.0, y_max=1.0, out_of_bounds="clip")
@@ -213,8 +111,8 @@ class IsotonicCalibration(ProbabilityMap):
                 "y_thresholds": torch.from_numpy(np.asarray(iso.y_thresholds_, dtype=np.float64))}
 
     def apply(self, p: np.ndarray) -> np.ndarray:
-        state = self._require_fitted()
-        return np.interp(p, state["x_thresholds"].numpy(), state["y_thresholds"].numpy())
+        state = self.state()
+        return np.interp(p, state["x_thresholds"], state["y_thresholds"])
 
     def describe(self) -> dict[str, float]:
         return {"isotonic_steps": float(self._state["x_thresholds"].numel())} if self.fitted else {}
