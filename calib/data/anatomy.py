@@ -177,7 +177,8 @@ def random_warp(
     """One subject's warp: size ``fit`` * SIZE_FACTOR * lognormal spread, anisotropy +-3 %,
     rotation within +-``max_rotation_deg`` about x, y, z, and a smooth displacement of
     ``displacement_mm`` rms varying over ``lattice_mm`` (both template mm)."""
-    size = fit * SIZE_FACTOR * math.exp(float(np.clip(rng.normal(0.0, SIZE_SPREAD), -2 * SIZE_SPREAD, 2 * SIZE_SPREAD)))
+    spread = float(np.clip(rng.normal(0.0, SIZE_SPREAD), -2 * SIZE_SPREAD, 2 * SIZE_SPREAD))
+    size = fit * SIZE_FACTOR * math.exp(spread)
     sizes = size * np.exp(rng.uniform(-0.03, 0.03, 3))
     rotation = random_rotation(rng, max_rotation_deg)
     linear = np.diag(1.0 / sizes) @ rotation.T  # world -> template: rotate back, then undo the size
