@@ -122,13 +122,6 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path, time_step: float | 
     nib.save(img, str(path))
 
 
-def _paste(values: np.ndarray, region: tuple[slice, ...], shape: tuple[int, ...], fill, dtype) -> np.ndarray:
-    """A full grid of ``fill`` with ``values`` at ``region``."""
-    out = np.full(shape, fill, dtype=dtype)
-    out[region] = values
-    return out
-
-
 def _bernoulli(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
     """One independent Bernoulli(p) draw per voxel: the label contract of the phantoms."""
     return rng.random(p.shape, dtype=np.float32) < p
@@ -195,24 +188,32 @@ def synth_brats(
     seg_box[whole & (ring_w > 0.5)] = 4
     seg_box[whole & (core_w > 0.5)] = 1
 
-    # Per subject and modality: scanner gain, tissue contrast, a smooth bias field, noise.
+    # Per subject and modality: scanner gain, tissue contrast, a smooth bias field, noise. Computed
+    # on the brain's voxels only (flat arrays): outside it the images are 0.
     bias = LatticeField(rng, x0, 0.5 * extent, 60.0 * anat.scale, n_fields=len(BRATS_MODALITIES))
-    bias_fields = bias.on_grid(affine, region)
     inside = anat.brain > 0
+    bias_in = bias.on_grid(affine, region)[:, inside]
+    csf, gm, wm = anat.csf[inside], anat.gm[inside], anat.wm[inside]
+    rank = np.full(inside.shape, -1, dtype=np.int64)  # position of each brain voxel in the flat arrays
+    rank[inside] = np.arange(int(inside.sum()))
+    in_box = inside[box]
+    at = rank[box][in_box]  # the tumour box's brain voxels
+    p_in, core_in, ring_in, edema_in = (w[in_box] for w in (p_box, core_w, ring_w, edema_w))
     images = {}
     for m, modality in enumerate(BRATS_MODALITIES):
         mean = {k: v * float(np.exp(rng.normal(0.0, 0.05 if k in ("csf", "gm", "wm") else 0.08)))
                 for k, v in _BRATS_TISSUE[modality].items()}
         gain = float(np.exp(rng.normal(0.0, 0.25)))
-        signal = anat.csf * mean["csf"] + anat.gm * mean["gm"] + anat.wm * mean["wm"]
-        tumour = core_w * mean["core"] + ring_w * mean["ring"] + edema_w * mean["edema"]
-        signal[box] = (1.0 - p_box) * signal[box] + p_box * tumour
-        signal *= gain * np.exp(rng.uniform(0.04, 0.12) * bias_fields[m])
+        signal = csf * mean["csf"] + gm * mean["gm"] + wm * mean["wm"]
+        tumour = core_in * mean["core"] + ring_in * mean["ring"] + edema_in * mean["edema"]
+        signal[at] = (1.0 - p_in) * signal[at] + p_in * tumour
+        signal *= gain * np.exp(rng.uniform(0.04, 0.12) * bias_in[m])
         signal += rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(
             rng.uniform(0.02, 0.045) * mean["wm"] * gain)
         # Skull-stripped like the real data: exactly 0 outside the brain, >= 1 inside.
-        values = np.where(inside, np.clip(np.rint(signal), 1, 32000), 0).astype(np.int16)
-        images[modality] = _paste(values, region, stored, 0, np.int16)
+        image = np.zeros(stored, dtype=np.int16)
+        image[region][inside] = np.clip(np.rint(signal), 1, 32000).astype(np.int16)
+        images[modality] = image
     p_true = np.zeros(stored, dtype=np.float32)
     seg = np.zeros(stored, dtype=np.uint8)
     p_true[region][box] = p_box
