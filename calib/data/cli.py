@@ -30,8 +30,8 @@ Writes the real on-disk layout (BraTS: DIR/{HGG,LGG}/<id>/<id>_{flair,t1,t1ce,t2
 ISLES: DIR/TRAINING/case_<n>/SMIR.Brain.XX.O.<kind>.<num>/...nii) plus one file per subject the
 real data lacks: the probability each label voxel was drawn from (<id>_trueprob.nii.gz /
 SMIR.Brain.XX.O.TrueProb.<num>), which loaders and `check` recognise and never count as a
-modality. Default grid: brats18 96 96 64 at 1 mm (real: 240 240 155); isles18 96 96 in-plane
-and up to 22 slices of 4-8 mm (real: 256 256).
+modality. Default grid, the real one: brats18 240 240 155 at 1 mm; isles18 256 256 in-plane and
+up to 22 slices of 4-8 mm. A smaller grid holds a proportionally smaller brain.
 """
 
 

@@ -1,28 +1,37 @@
-"""Phantom datasets in the exact on-disk layout of BraTS 2018 and ISLES 2018.
+"""Phantom datasets in the exact on-disk layout of BraTS 2018 and ISLES 2018, on real anatomy.
 
 The loaders under test are the real ones: a phantom root is read exactly like a real one. Beside
 each label lies the per-voxel probability the label was drawn from (a file the real datasets do not
-have; see ``layouts``), so that later stages can measure true calibration error.
+have; see ``layouts``), so that later stages can measure true calibration error. Every label voxel
+is an independent Bernoulli(p*) draw; the soft edge of p* is the aleatoric uncertainty.
+
+Anatomy (``anatomy``): the MNI152 2009 brain (GM, WM and the brain mask; CSF is the rest of the
+brain) warped differently for every subject by a small affine and a smooth displacement field, at
+a typical adult size. Per subject the scanner gain, tissue contrasts, bias field and noise differ.
 
 BraTS-like subjects: skull-stripped brain (background exactly 0, so FLAIR > 0 is the brain),
-FLAIR/T1/T1ce/T2 with modality-specific contrast of grey matter, white matter, ventricles and
-tumour (oedema bright on FLAIR/T2, enhancing ring on T1ce, necrotic core dark on T1/T1ce), seg
-labels {0, 1, 2, 4} (whole tumour = label > 0). 1 mm isotropic, int16 images, stored in the
-orientation of the real BraTS files: affine diag(-1, -1, 1) with origin (0, Y-1, 0), i.e. LPS
-(array axis 0 runs towards the patient's Left, axis 1 towards Posterior), as the released files
-(240x240x155, origin (0, 239, 0)) are.
+FLAIR/T1/T1ce/T2 synthesised from the tissue fractions with each sequence's relative contrast, a
+glioma in the white matter of one hemisphere (oedema bright on FLAIR/T2 and spreading along white
+matter, enhancing ring on T1ce in high-grade ones, necrotic core dark on T1/T1ce), seg labels
+{0, 1, 2, 4} (whole tumour = label > 0). 1 mm isotropic, int16 images, stored in the orientation of
+the real BraTS files: affine diag(-1, -1, 1) with origin (0, Y-1, 0), i.e. LPS (array axis 0 runs
+towards the patient's Left, axis 1 towards Posterior), as the released files (240x240x155, origin
+(0, 239, 0)) are.
 
 ISLES-like subjects: a CT slab of 2..``shape[2]`` thick slices (4-8 mm) with ~0.8-1 mm in-plane
-pixels, air at about -1000 HU, skull, scalp and brain (the head region is CT > -23 HU, the public
-code's threshold), a subtle hypodense infarct; CBF/CBV/MTT/Tmax maps (0 outside the brain) with a
+pixels, tilted like a head in the gantry, air at about -1000 HU, scalp, skull with diploe, a CSF
+gap and brain (the head region is CT > -23 HU, the public code's threshold), a subtle hypodense
+infarct (1 or 2) in the lateral territory; CBF/CBV/MTT/Tmax maps (0 outside the brain) with a
 hypoperfused region larger than the infarct core, a short 4D perfusion series, and the OT label.
 Stored LPS as ITK writes axial scans. Lower contrast, more noise and broader label uncertainty
-(softer p*, at most 0.9 inside) than the BraTS-like phantoms, as ISLES is harder in the paper.
+(p* edge twice as wide, at most 0.9 inside) than the BraTS-like phantoms, as ISLES is harder in
+the paper.
 
-Default grids are small so that a dozen subjects take seconds: BraTS 96x96x64 (use ``shape``
-240 240 155 for the real size), ISLES 96x96 in-plane with up to 22 slices (real: 256x256). The
-head scales with the field of view. Each subject has its own random stream seeded by
-(seed, dataset, index), so subject k is the same whatever ``n_subjects`` is.
+Default grids are the real ones: BraTS 240x240x155, ISLES 256x256 in-plane with up to 22 slices.
+``shape`` sets another grid at the same voxel size; a grid too small for a whole adult brain gets
+a proportionally smaller brain (``anatomy.fit_scale``), so that tests can use tiny grids. Each
+subject has its own random stream seeded by (seed, dataset, index), so subject k is the same
+whatever ``n_subjects`` is.
 """
 
 from __future__ import annotations
@@ -38,6 +47,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .anatomy import (
+    SIZE_FACTOR,
+    SIZE_MARGIN,
+    box_around,
+    brain_region,
+    fit_scale,
+    load_template,
+    pick_site,
+    random_warp,
+    sample_anatomy,
+)
 from .errors import DataError
 from .layouts import (
     BRATS_LABEL,
@@ -53,26 +73,24 @@ from .layouts import (
     get_layout,
     isles_path,
 )
-from .anatomy import (
-    SIZE_FACTOR,
-    SIZE_MARGIN,
-    box_around,
-    fit_scale,
-    load_template,
-    pick_site,
-    random_warp,
-    sample_anatomy,
-    brain_region,
+from .synth import (
+    LatticeField,
+    Lesion,
+    WaveField,
+    combine,
+    grid_affine,
+    sigmoid,
+    uniform_rotation,
+    world_axes,
 )
-from .synth import LatticeField, Lesion, WaveField, combine, grid_affine, sigmoid, uniform_rotation, world_axes
 
 log = logging.getLogger(__name__)
 
 # A hidden file at the dataset root records how the phantoms were made, so that the same command
 # run again is a no-op (e.g. `make demo` twice). Loaders and `check` never look at it.
 RECIPE_NAME = ".calib-phantom.json"
-PHANTOM_VERSION = 1  # bump when the generator changes what a seed produces
-DEFAULT_SHAPES = {"brats18": (96, 96, 64), "isles18": (96, 96, 22)}
+PHANTOM_VERSION = 2  # bump when the generator changes what a seed produces
+DEFAULT_SHAPES = {"brats18": (240, 240, 155), "isles18": (256, 256, 22)}  # the real grids
 DEFAULT_AXCODES = {"brats18": "LPS", "isles18": "LPS"}
 ISLES_FRAMES = 8  # time points of the phantom 4D perfusion series (real ones have ~40)
 
@@ -104,16 +122,15 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path, time_step: float | 
     nib.save(img, str(path))
 
 
-def _paste(region_values: np.ndarray, region: tuple[slice, ...], shape: tuple[int, ...], fill, dtype) -> np.ndarray:
-    """A full grid of ``fill`` with ``region_values`` at ``region``."""
-    out = np.full(shape, fill, dtype=dtype)
-    out[region] = region_values
-    return out
-
-
 def _bernoulli(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
     """One independent Bernoulli(p) draw per voxel: the label contract of the phantoms."""
     return rng.random(p.shape, dtype=np.float32) < p
+
+
+def _outline(rng: np.random.Generator, radius: float) -> WaveField:
+    """A lesion's irregular outline: lobes of about its own size (waves of 1-2.5 radii), so that
+    the outline is lobulated but the distance to it still grows steadily from the centre."""
+    return WaveField(rng, (1.0 * radius, 2.5 * radius), 4)
 
 
 # ------------------------------------------------------------------------------------ BraTS-like
@@ -156,7 +173,7 @@ def synth_brats(
     radius = rng.uniform(18.0, 32.0)
     site = pick_site(rng, anat, hemisphere, (12.0, 50.0), min_depth_mm=0.5 * radius, z_min_mm=-25.0)
     lesion = Lesion(site, radius * np.exp(rng.uniform(-0.2, 0.2, 3)), uniform_rotation(rng),
-                    WaveField(rng, (15.0, 40.0), 4))
+                    _outline(rng, radius))
     box = box_around(anat, site, lesion.reach() + 12 * BRATS_EDGE_MM / anat.scale)
     d = lesion.distance(anat.template_mm[(slice(None), *box)])
     mm_inside = (1.0 - d) * lesion.mean_radius * anat.scale + OEDEMA_WM_MM * (anat.wm[box] - 0.5)
@@ -171,24 +188,32 @@ def synth_brats(
     seg_box[whole & (ring_w > 0.5)] = 4
     seg_box[whole & (core_w > 0.5)] = 1
 
-    # Per subject and modality: scanner gain, tissue contrast, a smooth bias field, noise.
+    # Per subject and modality: scanner gain, tissue contrast, a smooth bias field, noise. Computed
+    # on the brain's voxels only (flat arrays): outside it the images are 0.
     bias = LatticeField(rng, x0, 0.5 * extent, 60.0 * anat.scale, n_fields=len(BRATS_MODALITIES))
-    bias_fields = bias.on_grid(affine, region)
     inside = anat.brain > 0
+    bias_in = bias.on_grid(affine, region)[:, inside]
+    csf, gm, wm = anat.csf[inside], anat.gm[inside], anat.wm[inside]
+    rank = np.full(inside.shape, -1, dtype=np.int64)  # position of each brain voxel in the flat arrays
+    rank[inside] = np.arange(int(inside.sum()))
+    in_box = inside[box]
+    at = rank[box][in_box]  # the tumour box's brain voxels
+    p_in, core_in, ring_in, edema_in = (w[in_box] for w in (p_box, core_w, ring_w, edema_w))
     images = {}
     for m, modality in enumerate(BRATS_MODALITIES):
         mean = {k: v * float(np.exp(rng.normal(0.0, 0.05 if k in ("csf", "gm", "wm") else 0.08)))
                 for k, v in _BRATS_TISSUE[modality].items()}
         gain = float(np.exp(rng.normal(0.0, 0.25)))
-        signal = anat.csf * mean["csf"] + anat.gm * mean["gm"] + anat.wm * mean["wm"]
-        tumour = core_w * mean["core"] + ring_w * mean["ring"] + edema_w * mean["edema"]
-        signal[box] = (1.0 - p_box) * signal[box] + p_box * tumour
-        signal *= gain * np.exp(rng.uniform(0.04, 0.12) * bias_fields[m])
+        signal = csf * mean["csf"] + gm * mean["gm"] + wm * mean["wm"]
+        tumour = core_in * mean["core"] + ring_in * mean["ring"] + edema_in * mean["edema"]
+        signal[at] = (1.0 - p_in) * signal[at] + p_in * tumour
+        signal *= gain * np.exp(rng.uniform(0.04, 0.12) * bias_in[m])
         signal += rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(
             rng.uniform(0.02, 0.045) * mean["wm"] * gain)
         # Skull-stripped like the real data: exactly 0 outside the brain, >= 1 inside.
-        values = np.where(inside, np.clip(np.rint(signal), 1, 32000), 0).astype(np.int16)
-        images[modality] = _paste(values, region, stored, 0, np.int16)
+        image = np.zeros(stored, dtype=np.int16)
+        image[region][inside] = np.clip(np.rint(signal), 1, 32000).astype(np.int16)
+        images[modality] = image
     p_true = np.zeros(stored, dtype=np.float32)
     seg = np.zeros(stored, dtype=np.uint8)
     p_true[region][box] = p_box
@@ -205,7 +230,8 @@ HEAD_SHELL_MM = 15.0  # CSF gap, skull and scalp around the brain (template mm)
 def _head_ct(rng: np.random.Generator, anat, warp, affine, fov: np.ndarray, p_true: np.ndarray) -> np.ndarray:
     """CT (HU) of the slab: brain tissue, a thin CSF gap, skull with diploe, scalp, air."""
     s = anat.sdist  # template mm outside the brain surface
-    thickness = LatticeField(rng, warp.x0, np.array([*fov, 60.0]), 50.0 * anat.scale).on_grid(affine, anat.region)[0]
+    half = np.array([*fov, 60.0])
+    thickness = LatticeField(rng, warp.x0, half, 50.0 * anat.scale).on_grid(affine, anat.region)[0]
     skull_mm = 6.5 * rng.uniform(0.85, 1.15) * (1.0 + 0.15 * thickness)
     gap = (s >= 0) & (s < 1.5)
     depth = (s - 1.5) / skull_mm  # 0 at the inner table, 1 at the outer one
@@ -261,7 +287,7 @@ def synth_isles(
         radius = max(rng.uniform(8.0, 22.0), 0.6 * thickness / anat.scale)
         site = pick_site(rng, anat, hemisphere, (15.0, 60.0), min_depth_mm=5.0, allowed=allowed)
         lesions.append(Lesion(site, radius * np.exp(rng.uniform(-0.2, 0.2, 3)), uniform_rotation(rng),
-                              WaveField(rng, (15.0, 40.0), 4)))
+                              _outline(rng, radius)))
     xyz = anat.template_mm
     dists = [les.distance(xyz) for les in lesions]
     p_true = combine([ISLES_P_MAX * sigmoid((1.0 - d) * les.mean_radius * anat.scale / ISLES_EDGE_MM)
@@ -272,14 +298,14 @@ def synth_isles(
     ot = _bernoulli(rng, p_true).astype(np.uint8)
     ct = _head_ct(rng, anat, warp, affine, fov, p_true)
 
-    t = anat
     severity = rng.uniform(0.7, 1.2)  # how deep this stroke's perfusion deficit is
-    regional = 1.0 + 0.15 * LatticeField(rng, x0, np.array([*fov, 60.0]), 40.0 * anat.scale).on_grid(affine, anat.region)[0]
+    field = LatticeField(rng, x0, np.array([*fov, 60.0]), 40.0 * anat.scale)
+    regional = 1.0 + 0.15 * field.on_grid(affine, anat.region)[0]  # regional perfusion differences
     pw, pc = severity * p_wide, severity * p_true
-    cbf = (t.wm * 22 + t.gm * 55 + t.csf * 8) * regional * (1 - 0.45 * pc) * (1 - 0.15 * pw)
-    cbv = (t.wm * 2.2 + t.gm * 4.0 + t.csf * 0.8) * regional * (1 - 0.35 * pc)
-    mtt = t.wm * 4.6 + t.gm * 4.0 + t.csf * 6.0 + 2.5 * pw
-    tmax = t.wm * 1.2 + t.gm * 0.9 + t.csf * 2.5 + 4.5 * pw + 1.0 * pc
+    cbf = (anat.wm * 22 + anat.gm * 55 + anat.csf * 8) * regional * (1 - 0.45 * pc) * (1 - 0.15 * pw)
+    cbv = (anat.wm * 2.2 + anat.gm * 4.0 + anat.csf * 0.8) * regional * (1 - 0.35 * pc)
+    mtt = anat.wm * 4.6 + anat.gm * 4.0 + anat.csf * 6.0 + 2.5 * pw
+    tmax = anat.wm * 1.2 + anat.gm * 0.9 + anat.csf * 2.5 + 4.5 * pw + 1.0 * pc
     maps = {"CT_CBF": (cbf, 9.0), "CT_CBV": (cbv, 0.8), "CT_MTT": (mtt, 1.2), "CT_Tmax": (tmax, 1.8)}
     images = {"CT": ct}
     for kind in ISLES_CHANNELS[1:]:
@@ -346,7 +372,9 @@ def write_phantoms(
 ) -> list[str]:
     """Write ``n_subjects`` phantom subjects of ``dataset`` under ``out`` in the real layout.
 
-    ``shape``: BraTS grid (x, y, z) at 1 mm; ISLES in-plane (x, y) and the maximum slice count.
+    ``shape``: BraTS grid (x, y, z) at 1 mm; ISLES in-plane (x, y) and the maximum slice count
+    (default: the real grids). A grid smaller than an adult brain holds a proportionally smaller
+    one at the same voxel size; the MNI152 template is read from the nilearn wheel once per process.
     ``axcodes`` (e.g. "RAS", "PIL") overrides the stored orientation; ``hemisphere`` ("left" or
     "right") puts every lesion in that hemisphere of the patient (tests of orientation handling).
     The dataset appears at ``out`` in one rename, so a crash leaves no half-written dataset;
