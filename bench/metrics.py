@@ -3,8 +3,10 @@
 Both run on the same voxels in one process, interleaved, best of ``--repeats``; the reported
 figure is the ratio ``ece_speedup_vs_numpy`` (reference seconds / ours), so it holds on a noisy
 machine. The two must agree: identical bin counts and positive counts, ECE equal to 1e-12 (the
-confidence sums differ only in float64 summation order). ``--json``: the last line is one JSON
-object.
+confidence sums differ only in float64 summation order). 1 % of the voxels are bin-edge values
+and their float32 neighbours, so the agreement covers the ties. With a CUDA device the same
+check runs on CUDA tensors (counts and ECE) and its time is reported beside. ``--json``: the last
+line is one JSON object.
 
     python bench/metrics.py [--json] [--voxels 20000000] [--repeats 3]
 """
@@ -40,11 +42,26 @@ def numpy_reference(p: np.ndarray, y: np.ndarray, m: np.ndarray, n_bins: int = 2
     return value, count, pos
 
 
+def edge_values(n_bins: int = 20) -> np.ndarray:
+    """Every float32 bin edge k/n (rounded to float32) with its two float32 neighbours, in [0, 1]:
+    the values where a binning that is not exact goes wrong."""
+    vals = []
+    for k in range(n_bins + 1):
+        v = np.float32(k / n_bins)
+        vals += [np.nextafter(v, np.float32(0)), v, np.nextafter(v, np.float32(2))]
+    vals = np.array(vals, np.float32)
+    return vals[(vals >= 0) & (vals <= 1)]
+
+
 def make_data(voxels: int, seed: int):
-    """Segmentation-like data: most probabilities near 0, labels drawn from them, a 60 % mask."""
+    """Segmentation-like data: most probabilities near 0, labels drawn from them, a 60 % mask;
+    1 % of the voxels sit on or next to a bin edge (:func:`edge_values`, p = 0 and p = 1 among
+    them), so that the comparison with the reference covers the ties."""
     rng = np.random.default_rng(seed)
     logits = rng.normal(-4.0, 4.0, voxels).astype(np.float32)
     p = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    ties = rng.random(voxels) < 0.01
+    p[ties] = rng.choice(edge_values(), int(ties.sum()))
     y = (rng.random(voxels, dtype=np.float32) < p).astype(np.uint8)
     m = rng.random(voxels, dtype=np.float32) < 0.6
     return p, y, m
@@ -103,6 +120,10 @@ def main(argv=None) -> int:
             ece(tp, ty, tm)  # warm-up
             torch.cuda.synchronize()
             cuda_s, cuda_value = best_time(lambda: ece(tp, ty, tm), args.repeats)
+            cuda_count, _, cuda_pos = reliability_bins(tp, ty, tm)
+            assert cuda_count.tolist() == ref_count.tolist(), "CUDA bin counts differ from the reference"
+            assert cuda_pos.tolist() == ref_pos.astype(np.int64).tolist(), \
+                "CUDA positive counts differ from the reference"
             assert abs(cuda_value - ref_value) <= 1e-12, "CUDA ECE differs from the reference"
             result.update(ece_cuda_seconds=cuda_s, ece_cuda_speedup_vs_numpy=ref_s / cuda_s,
                           cuda_device=torch.cuda.get_device_name(dev))
