@@ -124,8 +124,8 @@ class VolumeBatches:
     is a permutation drawn from ``(seed, epoch)``, so a resumed run sees the same batches; the
     workers do not change the order or the content. Calling the object is ``batches``.
 
-    ``workers``: loader processes (None: :func:`default_workers`); ``pin_memory`` (None: when
-    CUDA is available) returns page-locked batches for asynchronous copies to the device.
+    ``workers``: loader processes (None: :func:`default_workers`); ``pin_memory`` (None or True:
+    when CUDA is available) returns page-locked batches for asynchronous copies to the device.
     Workers are started per epoch and end with it, so an abandoned loader leaves no process.
     """
 
@@ -145,7 +145,8 @@ class VolumeBatches:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.workers = workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        # Page-locked memory only helps a copy to a CUDA device (and needs one to exist).
+        self.pin_memory = torch.cuda.is_available() and (pin_memory is None or bool(pin_memory))
 
     def __len__(self) -> int:
         return -(-len(self.subject_ids) // self.batch_size)
