@@ -15,10 +15,9 @@ An epoch is ``--epoch-volumes`` volumes (the subjects repeated), so per-epoch co
 a fold of many subjects; the pages are in the OS cache (a fold of 228 subjects is ~5.5 GB, held
 by any training node's RAM after the first epoch). The training step is ``bench/unet.py``'s:
 forward + BCE + backward + Adam, batch 2, bf16 on CUDA. On CPU it runs by default on a
-68x68x41 crop (1/8 of the volume, to keep the bench short) and is scaled to volumes/s by voxel
-count; a full-size CPU step is slower per voxel (79 s vs 8x the crop's time on 2 cores), so the
-crop overstates the step's speed and understates ``loader_vs_step_ratio``.
-``--step-shape 136 136 82`` measures the full size.
+68x68x41 crop (1/8 of the volume: a full-size CPU step takes ~80 s and ~15 GB) and is scaled to
+volumes/s by voxel count (``step_extrapolated``); ``--step-shape 136 136 82`` measures the full
+size.
 
 Figures: ``loader_volumes_per_s`` (the default worker count of the device, ``default_workers``),
 ``loader_vs_step_ratio`` (that / training-step volumes per second), ``new_vs_old_loader_ratio``.

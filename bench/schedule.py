@@ -1,7 +1,7 @@
 """The paper plan on paper: makespan on 1, 4, 8 and 32 GPUs, waves vs a dependency-graph scheduler.
 
 Builds the paper plan with the real planner (``sweeps.config.load_grid("paper")`` and
-``sweeps.plan.expand``: 310 trials), draws each trial's duration from ``sweeps.simulate.CostModel``
+``sweeps.plan.expand``: 310 trials), draws each trial's duration from ``sweeps.cost_model.CostModel``
 (per-epoch seconds from ``--throughput FILE`` -- written by ``python bench/unet.py --json`` on the
 target device, one per dataset at most -- else from the documented defaults; epochs around
 ``--epoch-fraction`` x the grid's ``max_epochs``), and simulates, with the fractional GPU shares
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.config import load_grid  # noqa: E402
 from sweeps.plan import expand  # noqa: E402
-from sweeps.simulate import EPOCH_FRACTION, EPOCH_SPREAD, POLICIES, CostModel, simulate  # noqa: E402
+from sweeps.cost_model import EPOCH_FRACTION, EPOCH_SPREAD, CostModel  # noqa: E402
+from sweeps.simulate import POLICIES, simulate  # noqa: E402
 
 
 def _hours(seconds: float) -> str:

@@ -34,11 +34,14 @@ def default_workers() -> int:
     """Loader processes when none are asked for: ``$CALIB_LOADER_WORKERS``, else
     ``min(2, usable CPUs)`` when CUDA is available and 0 without it.
 
-    Why 0 on CPU: there the training step is the bottleneck by far (paper BraTS net, batch 2:
-    ~80 s per step on 2 cores, while one batch is read in tens of milliseconds,
-    ``bench/dataloader.py``), and a trial owns as many cores as its torch threads (one on a 2-core
-    machine with 1-CPU trials); a worker process would only take a core from the step. On CUDA the
-    training thread waits on the device, so two workers prepare the next batches in the meantime.
+    Why 0 on CPU (measured with ``bench/dataloader.py`` on the 2-core VM): there the training
+    step is the bottleneck by thousands (paper BraTS net, batch 2: ~80 s per step, while the
+    training thread reads 27-52 volumes/s), a trial owns only its torch threads' cores (one on a
+    2-core machine with 1-CPU trials), and 2 worker processes were *slower* (9-16 volumes/s):
+    handing a 48 MB batch to the training process through shared memory costs more there than
+    reading it. On CUDA the training thread waits on the device (each step ends in a sync), so
+    two workers read the next batches meanwhile and the pinned copy overlaps the step (not
+    measured yet: no GPU was lent).
     """
     env = os.environ.get(WORKERS_ENV, "").strip()
     if env:
@@ -124,8 +127,8 @@ class VolumeBatches:
     is a permutation drawn from ``(seed, epoch)``, so a resumed run sees the same batches; the
     workers do not change the order or the content. Calling the object is ``batches``.
 
-    ``workers``: loader processes (None: :func:`default_workers`); ``pin_memory`` (None: when
-    CUDA is available) returns page-locked batches for asynchronous copies to the device.
+    ``workers``: loader processes (None: :func:`default_workers`); ``pin_memory`` (None or True:
+    when CUDA is available) returns page-locked batches for asynchronous copies to the device.
     Workers are started per epoch and end with it, so an abandoned loader leaves no process.
     """
 
@@ -145,7 +148,8 @@ class VolumeBatches:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.workers = workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        # Page-locked memory only helps a copy to a CUDA device (and needs one to exist).
+        self.pin_memory = torch.cuda.is_available() and (pin_memory is None or bool(pin_memory))
 
     def __len__(self) -> int:
         return -(-len(self.subject_ids) // self.batch_size)

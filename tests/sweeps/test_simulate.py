@@ -1,4 +1,4 @@
-"""The schedule simulator and its cost model (sweeps/simulate.py): pure Python, no Ray."""
+"""The schedule simulator (sweeps/simulate.py) and its cost model (sweeps/cost_model.py): no Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from sweeps.simulate import POLICIES, CostModel, Task, critical_path, simulate
+from sweeps.cost_model import CostModel
+from sweeps.simulate import POLICIES, Task, critical_path, simulate
 
 
 def _chain(durations, gpu=1.0):

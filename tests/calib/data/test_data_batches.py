@@ -184,3 +184,13 @@ def test_preprocess_writes_mappable_subjects(phantom_roots, tmp_path):
         for k in ("image", "label", "mask", "true_prob"):
             assert stored[k].offset is not None
             np.testing.assert_array_equal(stored[k].read(), getattr(loaded, k))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_truncated_subject_fails_the_epoch_naming_the_file(cache, workers):
+    """In the training thread or in a worker: a DataError (not retried by the sweep) naming it."""
+    cache_dir, ids = cache
+    path = cache_dir / "s3.npz"
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DataError, match=r"s3\.npz: unreadable cached subject 's3'"):
+        list(VolumeBatches(cache_dir, ids, batch_size=2, shuffle=False, workers=workers)(0))
