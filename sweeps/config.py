@@ -182,6 +182,7 @@ class Execution:
     max_concurrent: int | None = None
     resources: Mapping[str, Resources] = field(default_factory=frozen_map)  # per stage
     method_resources: Mapping[str, Resources] = field(default_factory=frozen_map)
+    system_metrics: bool = False  # system/* metrics (CPU, memory, GPU) on every trial run
 
     def resources_for(self, stage: str, method: str) -> Resources:
         """Method-specific resources for calibrate trials, else the stage's."""
@@ -262,7 +263,8 @@ class GridConfig:
             "resources": {**{s: res(r) for s, r in self.execution.resources.items()},
                           "methods": {m: res(r) for m, r in self.execution.method_resources.items()}},
             "execution": {"max_failures": self.execution.max_failures,
-                          "max_concurrent": self.execution.max_concurrent},
+                          "max_concurrent": self.execution.max_concurrent,
+                          "system_metrics": self.execution.system_metrics},
         }
 
     def to_yaml(self) -> str:

@@ -330,7 +330,10 @@ class GridParser:
         return Resources(cpu=cpu, gpu=gpu)
 
     def execution(self, value: Any, resources: Any, methods: tuple[MethodSpec, ...]) -> Execution:
-        ex = self.section(value, "execution", ("max_failures", "max_concurrent"))
+        ex = self.section(value, "execution", ("max_failures", "max_concurrent", "system_metrics"))
+        system = ex.get("system_metrics", False)
+        if not isinstance(system, bool):
+            self.fail("execution.system_metrics", f"must be true or false, got {system!r}")
         res = self.section(resources, "resources", (*STAGES, "methods"))
         per_stage = {s: self.resources(res.get(s), f"resources.{s}") for s in STAGES}
         names = [m.name for m in methods]
@@ -341,4 +344,5 @@ class GridParser:
         return Execution(
             max_failures=self.number(ex.get("max_failures", 2), "execution.max_failures", integer=True, minimum=0),
             max_concurrent=None if max_conc is None else self.number(max_conc, "execution.max_concurrent", integer=True, minimum=1),
-            resources=frozen_map(per_stage), method_resources=frozen_map(per_method))
+            resources=frozen_map(per_stage), method_resources=frozen_map(per_method),
+            system_metrics=system)

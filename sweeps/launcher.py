@@ -27,6 +27,7 @@ from sweeps.config import GridConfig, GridError, Overrides, frozen_map, load_gri
 from sweeps.plan import Plan, expand
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
+ENTRY_POINT = "sweeps/launch.py"  # mlflow.source.name of every run a launch creates
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class LaunchOptions:
 
     grid: str
     dry_run: bool = False
+    estimate: bool = False  # with dry_run: GPU-hours and wall time (sweeps.estimate)
+    gpus: int = 1
+    throughput: Path | None = None
     resume: bool = False
     address: str | None = None
     tracking_uri: str | None = None
@@ -50,6 +54,7 @@ class LaunchOptions:
     force_concurrent: bool = False  # run beside a live launch, only the trials it has not claimed
     lease_timeout: float = 180.0  # seconds without a heartbeat after which this launch counts as dead
     stage_runner: Callable | None = None  # tests: replaces sweeps.stage_runner.run_stage
+    system_metrics: bool | None = None  # log system/* metrics per trial; None: the grid's setting
 
 
 def _err(msg: str, err: TextIO) -> int:
@@ -91,7 +96,10 @@ def launch(opts: LaunchOptions, out: TextIO | None = None, err: TextIO | None = 
     experiment = opts.experiment or f"calib-{grid.name}"
     uri = resolve_tracking_uri(opts.tracking_uri)
     if opts.dry_run:
-        return dry_run(plan, uri, experiment, out, err)
+        rc = dry_run(plan, uri, experiment, out, err)
+        if rc == EXIT_OK and opts.estimate:
+            rc = _estimate(plan, opts, out, err)
+        return rc
     address = opts.address or os.environ.get("RAY_ADDRESS") or None
     from sweeps.execute import is_local_address
 
@@ -111,6 +119,17 @@ def _store_guard(uri: str, why: str) -> str:
             "nodes could not record their runs. Run an MLflow server (e.g. `mlflow server "
             "--backend-store-uri postgresql://USER@DBHOST/mlflow --serve-artifacts --host 0.0.0.0 "
             "--port 5000`) and pass its URI: --tracking-uri http://THIS_HOST:5000")
+
+
+def _estimate(plan: Plan, opts: LaunchOptions, out: TextIO, err: TextIO) -> int:
+    from sweeps.estimate import EstimateError, estimate, estimate_text, measure_throughput, read_throughput
+
+    try:
+        tput = read_throughput(opts.throughput, plan) if opts.throughput else measure_throughput(plan)
+    except EstimateError as exc:
+        return _err(str(exc), err)
+    print(estimate_text(estimate(plan, tput, opts.gpus)), file=out, flush=True)
+    return EXIT_OK
 
 
 def dry_run(plan: Plan, uri: str, experiment: str, out: TextIO, err: TextIO) -> int:
@@ -165,6 +184,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     from sweeps.trainable import TrialContext
     from tracking import runs as tr
     from tracking.lease import Heartbeat, driver_tags, heartbeat_every, live_leases
+    from tracking.models import prepare_experiment, source_tags
     from tracking.store import client as make_client, get_or_create_experiment, local_store_path, ui_command
 
     client = make_client(uri)
@@ -179,6 +199,8 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     for other in live:
         print(f"note: {other.describe()} is live on experiment {experiment}; --force-concurrent: "
               "this launch runs only the trials it has not claimed", file=out)
+    runs_url = prepare_experiment(client, exp_id, uri)  # the UI opens on the runs (tracking.models)
+    run_tags = source_tags(ENTRY_POINT, git_commit())
     if opts.resume:
         closed = tr.close_stale_runs(client, exp_id)
         if closed:
@@ -207,13 +229,16 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
         grid_yaml = grid.to_yaml()
         parent = tr.start_sweep_run(client, exp_id, grid_name=grid.name, grid_yaml=grid_yaml,
                                     git_commit=git_commit(), resumed=opts.resume,
-                                    extra_tags=driver_tags(opts.lease_timeout))
+                                    extra_tags={**driver_tags(opts.lease_timeout), **run_tags})
         beat = Heartbeat(make_client(uri), parent, heartbeat_every(opts.lease_timeout)).start()
         print(f"launch: grid {grid.name}, {len(plan.trials)} trials, {len(todo)} to run; "
               f"experiment {experiment}; sweep run {parent}", file=out, flush=True)
+        print(f"runs: {runs_url}", file=out, flush=True)
 
         data, data_errors = _prepare(grid, todo, err)
-        ctx = TrialContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, data=data)
+        system = opts.system_metrics if opts.system_metrics is not None else grid.execution.system_metrics
+        ctx = TrialContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, data=data,
+                           run_tags=run_tags, system_metrics=system)
         settings = ExecutionSettings(storage_path=_storage_path(opts, grid),
                                      launch_name=f"{grid.name}-{parent[:8]}",
                                      max_failures=grid.execution.max_failures,
@@ -247,7 +272,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     print(degenerate_text(degenerate_models(client, exp_id, plan.by_key)), file=out)
     if opts.report:
         _report(experiment, uri, parent, grid.work_dir / "report", out, err)
-    print(f"\nbrowse the runs: {ui_command(uri)}", file=out, flush=True)
+    print(f"\nbrowse the runs: {ui_command(uri)}, then {runs_url}", file=out, flush=True)
     return EXIT_OK if ok else EXIT_TRIALS_FAILED
 
 
@@ -319,6 +344,8 @@ def _report(experiment: str, uri: str, parent: str, out_dir: Path, out: TextIO, 
         print(f"report: failed: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=err)
         return
     print(f"report: {out_dir} ({len(outcome.files)} files)", file=out)
+    for r in getattr(outcome, "registered", ()):
+        print(f"registered {r.uri}: {r.dataset}/{r.weights}/{r.method}", file=out)
     for w in outcome.warnings[:5]:
         print(f"report warning: {w}", file=out)
     if len(outcome.warnings) > 5:

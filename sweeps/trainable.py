@@ -58,6 +58,8 @@ class TrialContext:
     upstream_runs: dict[str, str] = field(default_factory=dict)
     resume_checkpoints: dict[str, str] = field(default_factory=dict)
     stage_runner: Callable | None = None
+    run_tags: dict[str, str] = field(default_factory=dict)  # on every trial run: its source
+    system_metrics: bool = False  # log system/* metrics of each trial (tracking.models)
 
 
 def trial_tags(spec: TrialSpec) -> dict[str, str]:
@@ -234,6 +236,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
     import torch
 
     from tracking import schema
+    from tracking.models import log_trial_lineage, system_metrics
     from tracking.runs import TrialRun
     from tracking.store import client as make_client
     from sweeps.stage_runner import run_stage, upstream_needs
@@ -247,7 +250,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
     # One torch thread per CPU Ray gave this trial: concurrent trials must not oversubscribe.
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     client = make_client(ctx.tracking_uri)
-    run = TrialRun.open(client, ctx.experiment_id, ctx.parent_run_id, spec.key, trial_tags(spec),
+    run = TrialRun.open(client, ctx.experiment_id, ctx.parent_run_id, spec.key, {**trial_tags(spec), **ctx.run_tags},
                         run_name=spec.label)
     if run.elsewhere:  # another live launch claims this trial key: it is not run here
         tune.report({schema.BEST_VAL_LOSS: None, STATUS_METRIC: f"{run.elsewhere}_ELSEWHERE",
@@ -284,9 +287,15 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
         upstream = _fetch_upstream(client, ctx, spec, upstream_needs(spec), scratch)
         device = torch.device("cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
         stage = ctx.stage_runner or run_stage
-        result = stage(spec, ctx.data[spec.dataset], work_dir, upstream, device,
-                       [_EpochReporter(run, spec, work_dir, scratch, clock)])
+        with system_metrics(run.run_id, ctx.tracking_uri, ctx.system_metrics):
+            result = stage(spec, ctx.data[spec.dataset], work_dir, upstream, device,
+                           [_EpochReporter(run, spec, work_dir, scratch, clock)])
         metrics = _log_result(run, spec, result, clock())
+        # MLflow's own view of the trial: its splits as datasets, its fitted model (tracking.models)
+        log_trial_lineage(client, run.run_id, ctx.experiment_id,
+                          {**spec.config, "lr": spec.lr, "trial_key": spec.key}, result.weights,
+                          ctx.data[spec.dataset].get("cache_dir"), getattr(result, "splits", None),
+                          ctx.upstream_runs.get(spec.upstream or ""), scratch / "lineage")
         run.finish()
         finished = True
         tune.report({**metrics, STATUS_METRIC: "FINISHED", RUN_ID_METRIC: run.run_id})

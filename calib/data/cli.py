@@ -86,8 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "unreadable or truncated files, shape/affine mismatches, label values, NaN/inf. "
                        "Exit 0 clean, 1 problems found, 2 bad arguments.")
     c.add_argument("--dataset", choices=DATASETS, help="default: detected from the layout under --root")
-    c.add_argument("--root", required=True, type=Path, help="dataset folder as distributed (or a phantom)")
+    c.add_argument("--root", type=Path, help="dataset folder as distributed (or a phantom)")
     c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    e = c.add_argument_group("another network's predictions (instead of --root; calib.data.predictions)")
+    e.add_argument("--predictions", type=Path, metavar="DIR",
+                   help="<case>.nii.gz probability/logit maps, or nnU-Net's <case>.npz + <case>.pkl")
+    e.add_argument("--labels", type=Path, metavar="DIR", help="<case>.nii.gz labels on the predictions' grid")
+    e.add_argument("--masks", type=Path, metavar="DIR", help="<case>.nii.gz masks (default: the whole volume)")
+    e.add_argument("--mask-threshold", type=float, default=0.0, help="inside = mask value > this (default 0)")
+    e.add_argument("--values", choices=("probability", "logit"), default="probability")
+    e.add_argument("--foreground", type=int, nargs="+", metavar="LABEL",
+                   help="classes whose union is the foreground (multi-class predictions)")
 
     q = sub.add_parser("preprocess", help="preprocess a dataset root into the cache",
                        description="RAS orientation, resampling to --spacing mm, brain/head mask,\n"
@@ -137,6 +146,20 @@ def _dataset(sub: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     return dataset
 
 
+def _check_predictions(sub: argparse.ArgumentParser, args: argparse.Namespace):
+    """The check of a predictions dataset; a missing folder or bad rule is a bad argument."""
+    from .predictions import PredictionsConfig, check_predictions
+
+    if args.labels is None:
+        sub.error("--predictions needs --labels DIR")
+    try:
+        config = PredictionsConfig.make(args.predictions, args.labels, args.values, args.masks,
+                                        args.mask_threshold, args.foreground)
+    except DataError as exc:
+        sub.error(str(exc))
+    return check_predictions(config)
+
+
 def _print_report(report) -> None:
     for problem in report.problems:
         print(problem)
@@ -179,7 +202,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "check":
         from .check import check_dataset
 
-        report = check_dataset(_dataset(sub, args), args.root)
+        if args.predictions is not None:
+            report = _check_predictions(sub, args)
+        elif args.root is None:
+            sub.error("give --root DIR (a BraTS/ISLES dataset) or --predictions DIR --labels DIR")
+        else:
+            report = check_dataset(_dataset(sub, args), args.root)
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
         else:

@@ -139,28 +139,32 @@ def build_pipeline(
     with_true_prob: bool,
     orientation: str = "RAS",
     fixed: tuple[Sequence[float], Sequence[float]] | None = None,
+    with_label: bool = True,
 ) -> Compose:
     """The per-subject pipeline of ``calib.data.preprocess`` (see its docstring for the steps).
 
     Input: ``{"image": [channel paths], "label": path, "true_prob": path}``; output MetaTensors
     ``image`` (C,X,Y,Z), ``label``, ``mask``, ``true_prob`` (1,X,Y,Z) on the ``shape`` grid.
     ``fixed``: (shifts, scales) per channel for the fixed normalisation, None for the per-subject
-    z-score inside the mask.
+    z-score inside the mask. ``with_label=False``: a new case without a label (``calib.apply``),
+    the same steps otherwise.
     """
     normalise = (MaskedNormalized("image", "mask") if fixed is None
                  else FixedNormalized("image", fixed[0], fixed[1]))
     extra = ["true_prob"] if with_true_prob else []
-    keys = ["image", "label", "mask", *extra]
-    modes = ["bilinear", "nearest", "nearest", *(["bilinear"] if with_true_prob else [])]
+    label = ["label"] if with_label else []
+    keys = ["image", *label, "mask", *extra]
+    modes = ["bilinear", *(["nearest"] if with_label else []), "nearest",
+             *(["bilinear"] if with_true_prob else [])]
     return Compose(
         [
-            LoadImaged(["image", "label", *extra], reader="NibabelReader", image_only=True,
+            LoadImaged(["image", *label, *extra], reader="NibabelReader", image_only=True,
                        dtype=np.float32, ensure_channel_first=True),
             HeadMaskd("image", "mask", channel=0, threshold=mask_threshold),
             # NibabelReader affines are RAS+ world; these labels are nibabel's axis convention.
             Orientationd(keys, axcodes=orientation, labels=_RAS_LABELS),
             ExtentSpacingd(keys, spacing, modes),
-            AsDiscreted("label", threshold=0.5),  # whole tumour / lesion: any label > 0
+            *([AsDiscreted("label", threshold=0.5)] if with_label else []),  # whole tumour / lesion: label > 0
             normalise,
             ResizeWithPadOrCropd(keys, spatial_size=tuple(shape), mode="constant"),
         ]

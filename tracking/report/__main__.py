@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {len(outcome.files)} files in {outcome.out_dir}"
           + (f", logged to run {outcome.logged_to}" if outcome.logged_to else ""))
     print(f"  {outcome.out_dir / 'report.md'}")
+    for r in outcome.registered:
+        print(f"  registered {r.uri}: {r.dataset}/{r.weights}/{r.method}")
     return 0
 
 

@@ -32,6 +32,7 @@ from tracking.report.figures import reliability_figure, scatter_figure, violin_f
 from tracking.report.headline import headline_table
 from tracking.report.slices import SliceRow, slice_figure
 from tracking.report.files import FILE_DESCRIPTIONS
+from tracking.report.registry import register_best
 from tracking.report.selection import Selection, pool_subjects, select_runs
 from tracking.report.tables import latex_table, markdown_table
 from tracking.store import resolve_tracking_uri
@@ -49,6 +50,7 @@ class ReportOutcome:
     selections: tuple[Selection, ...]
     warnings: tuple[str, ...]
     logged_to: str | None
+    registered: tuple = ()  # tracking.report.registry.Registration per dataset x weights
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,11 +129,17 @@ def write_report(data: ReportData, out: Path, log_artifacts: bool = True) -> Rep
     ctx = ReportContext(redact_uri(data.tracking_uri), data.trials, data.select_by, data.use_holm,
                         logged_to, FILE_DESCRIPTIONS)
     files = _write_all(out, data, ctx)
+    registered: tuple = ()
     if logged_to:
         log_report_files(data.client, logged_to, list(files), ARTIFACT_PATH)
         log.info("report logged to run %s under %s/", logged_to, ARTIFACT_PATH)
+        # the best calibrated model per dataset x weights, in the Model Registry (registry.py)
+        registered = tuple(register_best(data.client, data.tracking_uri, data.trials.experiment_name, data.results,
+                                         data.selections, data.warn))
+        for r in registered:
+            log.info("registered %s -> %s (versions %s)", r.uri, r.method, ", ".join(r.versions.values()))
     return ReportOutcome(out, files, data.results, data.selections, tuple(data.warn.messages),
-                         logged_to)
+                         logged_to, registered)
 
 
 def build_report(experiment: str, out: Path, tracking_uri: str | None = None,

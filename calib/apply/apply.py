@@ -1,0 +1,115 @@
+"""Apply a fitted model to one new case and write the result as NIfTI on the input's own grid."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from .inputs import PreparedCase, prepare_prediction, prepare_subject
+from .model import ApplyError, FittedModel, Prediction
+
+PROB_SUFFIX = "_prob.nii.gz"
+STD_SUFFIX = "_std.nii.gz"
+
+
+@dataclass
+class ApplyResult:
+    """What :func:`apply_model` wrote (``files``: name -> path) and the maps on the model grid."""
+
+    case_id: str
+    files: dict[str, Path]
+    prediction: Prediction
+    case: PreparedCase = field(repr=False)
+
+
+def prepare_input(model: FittedModel, path: Path, mask: Path | None = None) -> PreparedCase:
+    """The input as ``model`` needs it: a subject folder for a U-Net model, a prediction map for
+    a calibrator of external predictions; the other way round is an ApplyError saying which."""
+    path = Path(path)
+    if model.inputs == "images":
+        if not path.is_dir():
+            raise ApplyError(f"{path}: {model.describe()} runs a U-Net on images; give a "
+                             f"{model.dataset} subject folder")
+        prep = model.data.get("preprocessing") or {}
+        if "spacing" not in prep or "shape" not in prep:
+            raise ApplyError(f"{model.source}: the trial config lacks data.preprocessing (spacing, shape)")
+        return prepare_subject(path, model.dataset, prep["spacing"], prep["shape"],
+                               prep.get("normalisation", "subject"))
+    if path.is_dir():
+        raise ApplyError(f"{path}: {model.describe()} calibrates another network's predictions; give "
+                         "a <case>.nii.gz probability/logit map or nnU-Net's <case>.npz")
+    rule = model.data.get("predictions") or {}
+    return prepare_prediction(path, rule.get("values", "probability"), rule.get("foreground") or None,
+                              mask, float(rule.get("mask_threshold", 0.0)))
+
+
+def _nifti(array: np.ndarray, case: PreparedCase) -> nib.Nifti1Image:
+    """A float32 NIfTI on the input's grid: its affine, and its header's codes where there is one."""
+    header = None
+    if case.header is not None:
+        header = nib.Nifti1Header()
+        for key in ("qform_code", "sform_code", "xyzt_units"):
+            header[key] = case.header[key]
+    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), case.affine, header=header)
+    img.set_data_dtype(np.float32)
+    return img
+
+
+def write_outputs(out_dir: Path, case: PreparedCase, prediction: Prediction) -> dict[str, Path]:
+    """``<out>/<case>_prob.nii.gz`` (and ``_std.nii.gz`` where the method samples), on the
+    input's grid; every file is complete before any is renamed into place."""
+    out_dir = Path(out_dir)
+    maps = {"prob": prediction.prob}
+    if prediction.std is not None:
+        maps["std"] = prediction.std
+    images = {}
+    for name, array in maps.items():  # everything computed before anything is written
+        restored = np.clip(case.restore(array), 0.0, 1.0 if name == "prob" else 0.5)
+        if restored.shape != case.shape:
+            raise ApplyError(f"{case.source}: restored map {restored.shape} does not match the input grid {case.shape}")
+        images[name] = _nifti(restored, case)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = {"prob": PROB_SUFFIX, "std": STD_SUFFIX}
+    written, tmps = {}, []
+    try:
+        for name, img in images.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{case.case_id}-{name}-", suffix=".nii.gz", dir=out_dir)
+            os.close(fd)
+            tmps.append(tmp)
+            nib.save(img, tmp)
+            written[name] = out_dir / f"{case.case_id}{suffix[name]}"
+        for tmp, path in zip(tmps, written.values()):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            Path(tmp).unlink(missing_ok=True)
+    return written
+
+
+def apply_model(model: FittedModel, path: Path, out_dir: Path, device: str = "cpu",
+                mask: Path | None = None) -> ApplyResult:
+    """Prepare ``path``, predict with ``model`` and write the calibrated probability (and the MC
+    standard deviation) as NIfTI on the input's grid in ``out_dir``. Bad input raises before
+    anything is written (a DataError or ApplyError naming the file)."""
+    case = prepare_input(model, path, mask)
+    prediction = model.predict(case.mask, image=case.image, logits=case.logits, device=device,
+                               subject_id=case.case_id)
+    return ApplyResult(case.case_id, write_outputs(out_dir, case, prediction), prediction, case)
+
+
+def apply_many(model: FittedModel, paths: Sequence[Path], out_dir: Path, device: str = "cpu",
+               mask: Path | None = None) -> list[ApplyResult]:
+    """:func:`apply_model` on each path, each input checked and prepared before any is written."""
+    cases = [prepare_input(model, p, mask) for p in paths]
+    results = []
+    for case in cases:
+        prediction = model.predict(case.mask, image=case.image, logits=case.logits, device=device,
+                                   subject_id=case.case_id)
+        results.append(ApplyResult(case.case_id, write_outputs(out_dir, case, prediction), prediction, case))
+    return results
