@@ -56,8 +56,10 @@ def _command(grid: Path, address: str, uri: str, experiment: str, work: Path, *a
 
 
 def _env() -> dict[str, str]:
+    # RAY_AUTH_MODE as the two-node cluster has it (a Ray started in this test process sets it
+    # to "token", and drivers inheriting that lose their actors).
     return {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_AUTH_MODE": "disabled"}
 
 
 def _start(command: list[str], cwd: Path, name: str):

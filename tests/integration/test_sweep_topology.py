@@ -69,8 +69,10 @@ def _small_grid(path: Path, tmp: Path) -> Path:
 
 def _run(what: str, command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     """Run ``command`` to its end; a test failure naming ``what`` if it runs past ``timeout``."""
+    # RAY_AUTH_MODE as the cluster has it: a Ray started in this test process (the slow tier's
+    # ray_session) sets it to "token" here, and drivers inheriting that lose their actors.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_AUTH_MODE": "disabled"}
     # cwd: a temp folder, so that nothing a command writes lands in the repository.
     try:
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,

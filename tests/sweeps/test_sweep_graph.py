@@ -37,9 +37,10 @@ def test_only_trials_whose_upstream_finished_are_suggested(demo):
     first = _suggest_all(searcher)
     # At the start: every pretraining and every SD base model (no upstream), nothing else.
     assert {(s["spec"]["stage"], s["spec"]["weights"]) for s in first} == {("pretrain", "CE"), ("base", "SD")}
-    assert len(first) == 6 + 6
-    # Pretrainings first: more work waits below them (2 base models and 14 calibrations).
-    assert [s["spec"]["stage"] for s in first[:6]] == ["pretrain"] * 6
+    n_pre, n_sd = len(_of(demo, stage="pretrain")), len(_of(demo, stage="base", weights="SD"))
+    assert n_pre and n_sd and len(first) == n_pre + n_sd
+    # Pretrainings first: more work waits below them (2 base models and their calibrations).
+    assert [s["spec"]["stage"] for s in first[:n_pre]] == ["pretrain"] * n_pre
     assert all(s[UPSTREAM_RUN_CONFIG] is None for s in first)
     assert searcher.suggest("waiting") is None  # the rest wait for an upstream
 
@@ -55,10 +56,12 @@ def test_only_trials_whose_upstream_finished_are_suggested(demo):
 
 def test_a_failed_upstream_skips_what_waits_below_it(demo):
     graph = TrialGraph(list(demo.trials), {})
-    pre = _of(demo, stage="pretrain", dataset="isles18", fold=2)[0]
+    pre = _of(demo, stage="pretrain", dataset="isles18", fold=1)[0]
     skipped = graph.failed(pre.key)
     below = demo.downstream_of([pre.key])
-    assert {t.key for t in skipped} == below and len(below) == 2 + 14
+    per_base = len([t for t in demo.trials if t.upstream == _of(demo, stage="base", dataset="isles18",
+                                                                 weights="CE", fold=1)[0].key])
+    assert {t.key for t in skipped} == below and len(below) == 2 + 2 * per_base and per_base
     order = [t.key for t in skipped]
     for t in skipped:  # each after its upstream
         if t.upstream in below:
@@ -73,7 +76,7 @@ def test_finished_before_upstreams_make_trials_ready_and_the_search_ends(demo):
     todo = [t for t in demo.trials if t.stage == "calibrate"]
     searcher = GraphSearcher(TrialGraph(todo, bases))
     got = _suggest_all(searcher)
-    assert len(got) == len(todo) == 126
+    assert len(got) == len(todo) == len(_of(demo, stage="calibrate"))
     assert all(s[UPSTREAM_RUN_CONFIG] == bases[s["spec"]["upstream"]] for s in got)
     assert searcher.suggest("end") == Searcher.FINISHED
 
