@@ -26,6 +26,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value:g}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python sweeps/launch.py",
@@ -43,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds; start nothing")
     p.add_argument("--resume", action="store_true",
                    help="run only the trials not FINISHED in the experiment (matched by trial "
-                        "key); close runs of a dead launch as KILLED")
+                        "key); close runs of a dead launch (ended, or its heartbeat older than "
+                        "its --lease-timeout) as KILLED, never those of a live one")
     p.add_argument("--address", help="Ray cluster to connect to (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
                                           "else sqlite:///./mlflow.db)")
@@ -59,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", help="Ray Tune checkpoint storage; shared by all nodes "
                                           "(default <work-dir>/ray_results)")
     p.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--force-concurrent", action="store_true",
+                   help="start although another launch is live on the experiment; run only the "
+                        "trials it has not claimed (each trial runs in one launch only)")
+    p.add_argument("--lease-timeout", type=_positive_float, default=180.0, metavar="SECONDS",
+                   help="this launch counts as dead (another --resume may take over) once its "
+                        "heartbeat, refreshed every min(30, SECONDS/6) s, is older than this "
+                        "(default 180)")
     p.add_argument("--system-metrics", action=argparse.BooleanOptionalAction, default=None,
                    help="log system/* metrics (CPU, memory, disk, network, GPU) on every trial run "
                         "(default: the grid's execution.system_metrics; on in the paper grid)")
@@ -86,6 +104,7 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
                          search=args.search, max_concurrent=args.max_concurrent,
                          work_dir=args.work_dir, storage_path=args.storage_path,
                          num_cpus=args.num_cpus, report=not args.no_report, verbose=args.verbose,
+                         force_concurrent=args.force_concurrent, lease_timeout=args.lease_timeout,
                          system_metrics=args.system_metrics)
 
 

@@ -1,21 +1,29 @@
-"""Running a plan on Ray Tune: data preparation, one Tuner per dependency wave, bookkeeping.
+"""Running a plan on Ray Tune: data preparation, one Tuner for the whole dependency graph,
+bookkeeping.
 
-Waves: wave 0 holds the trials without upstream (pretraining, SD base models), wave 1 what
-depends on them, and so on (:meth:`sweeps.plan.Plan.waves`). Each wave is one ``tune.Tuner``
-whose trials are a grid over trial specs (or, with ``--search optuna``, suggested by
-:class:`sweeps.search.PlanSearcher`), each with its own resources (``tune.with_resources``),
-retried ``max_failures`` times and resumed from its last per-epoch checkpoint. A trial whose
-upstream failed is skipped; its dependants too.
+Scheduling: a trial is handed to Tune as soon as its own upstream trial has FINISHED -- the base
+models of fold 0 train while fold 3 still pretrains, a calibration starts once its base model
+exists (:mod:`sweeps.graph`). One ``tune.Tuner`` runs them all: its searcher
+(:class:`sweeps.graph.GraphSearcher`) suggests only ready trials, each with its own resources
+(``tune.with_resources``), retried ``max_failures`` times and resumed from its last per-epoch
+checkpoint inside its MLflow run; with ``--search optuna`` each group of samples is suggested by
+its :class:`sweeps.search.PlanSearcher` once its base model finished. A trial whose upstream
+failed is skipped; its dependants too.
 
-After each wave the MLflow runs are the record: a trial counts as FINISHED only if its run is;
-a run a crashed worker left RUNNING is ended FAILED with Ray's error in ``calib.error``.
+As each trial ends, the MLflow run is the record: a trial counts as FINISHED only if its run is
+(it reports so with its run id after closing the run); otherwise the run is read back, and a run
+a crashed worker left RUNNING is ended FAILED with Ray's error in ``calib.error``. A downstream
+trial gets its upstream's FINISHED run id in its Tune config (``upstream_run_id``) and downloads
+the upstream artifacts from that run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,9 +31,13 @@ from typing import TextIO
 
 from sweeps.config import GridConfig, Resources
 from sweeps.plan import Plan, TrialSpec
-from sweeps.trainable import ERROR_METRIC, PROGRESS_FILE, STATUS_METRIC, TrialContext, run_trial, trial_tags
+from sweeps.trainable import (ERROR_METRIC, PROGRESS_FILE, RUN_ID_METRIC, STATUS_METRIC, TrialContext, run_trial,
+                              trial_tags)
 
 FINISHED, FAILED, SKIPPED, DONE_BEFORE = "FINISHED", "FAILED", "SKIPPED", "DONE_BEFORE"
+ELSEWHERE = "ELSEWHERE"  # claimed by another live launch (--force-concurrent), or below such a trial
+# Names of the final metrics as a trial reports them to Tune (tracking.schema's).
+DICE_METRIC, ECE_METRIC, COMPUTE_METRIC = "dice_mean", "ece_mean", "compute_seconds"
 
 
 @dataclass
@@ -33,7 +45,7 @@ class Outcome:
     """What became of one planned trial in this launch."""
 
     spec: TrialSpec
-    status: str  # FINISHED | FAILED | SKIPPED | DONE_BEFORE (finished by an earlier launch)
+    status: str  # FINISHED | FAILED | SKIPPED | DONE_BEFORE (finished by another launch) | ELSEWHERE
     run_id: str | None = None
     error: str = ""
     compute_seconds: float = 0.0
@@ -66,6 +78,57 @@ def connect_ray(address: str | None, num_cpus: int | None = None, verbose: bool 
     return True
 
 
+def _this_machine_addresses() -> set[str]:
+    """IP addresses and names of this machine (as far as it can tell without a network)."""
+    import socket
+
+    names = {socket.gethostname(), socket.getfqdn(), "localhost"}
+    addresses = set(names)
+    for name in names:
+        try:
+            addresses.update(socket.gethostbyname_ex(name)[2])
+        except OSError:
+            pass
+    try:  # the address of the default route (no packet is sent)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            addresses.add(s.getsockname()[0])
+    except OSError:
+        pass
+    return addresses
+
+
+def is_local_address(address: str | None) -> bool:
+    """True for no address, ``auto``/``local``, or a Ray address whose host is this machine
+    (``127.0.0.1:6379``, ``ray://localhost:10001``, this host's name or IP)."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    if not address or address in ("auto", "local"):
+        return True
+    host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
+    local = _this_machine_addresses()
+    try:
+        candidates = {host, *socket.gethostbyname_ex(host)[2]}
+    except OSError:
+        candidates = {host}
+    for c in candidates:
+        try:
+            if ipaddress.ip_address(c).is_loopback:
+                return True
+        except ValueError:
+            pass
+    return bool(candidates & local)
+
+
+def alive_nodes() -> int:
+    """Alive nodes of the connected Ray cluster."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"])
+
+
 def resource_problems(trials: Iterable[TrialSpec], cluster: Mapping[str, float]) -> list[str]:
     """Trials that ask for more CPU/GPU than the whole cluster has (they would wait forever)."""
     problems, seen = [], set()
@@ -80,6 +143,17 @@ def resource_problems(trials: Iterable[TrialSpec], cluster: Mapping[str, float])
                 problems.append(f"{t.stage}/{t.method} trials need {name.lower()} {need:g} per "
                                 f"trial but the Ray cluster has {have:g}")
     return problems
+
+
+def trial_slots(resources: Resources, cluster: Mapping[str, float], max_concurrent: int | None = None) -> int:
+    """How many trials asking for ``resources`` the cluster runs at once (at least 1): the
+    slots that the summary's ``busy`` divides by."""
+    fits = [int(float(cluster.get(name, 0.0)) // need) for name, need in
+            (("CPU", resources.cpu), ("GPU", resources.gpu)) if need > 0]
+    n = min(fits) if fits else 1
+    if max_concurrent:
+        n = min(n, max_concurrent)
+    return max(1, n)
 
 
 def prepare_data(grid: GridConfig, datasets: Iterable[str], cpus: int = 1) -> dict[str, dict | Exception]:
@@ -142,44 +216,7 @@ def find_resume_checkpoints(storage: str, keys: Iterable[str]) -> dict[str, str]
     return {k: v for k, (_, v) in best.items()}
 
 
-# ---- progress lines ----------------------------------------------------------------------------
-
-def _make_printer(total: int, out: TextIO):
-    from ray import tune
-
-    class ProgressPrinter(tune.Callback):
-        """One line per trial that ends or is retried (Tune's own tables are switched off)."""
-
-        def __init__(self):
-            self.done = 0
-
-        def _line(self, status: str, trial, extra: str = "") -> None:
-            print(f"[{self.done:>{len(str(total))}}/{total}] {status:<8} {_spec_of(trial).label}{extra}",
-                  file=out, flush=True)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
-            r = trial.last_result or {}
-            if r.get(STATUS_METRIC) == "FAILED":
-                self._line("FAILED", trial, f"  {r.get(ERROR_METRIC, '')[:200]}")
-                return
-            extra = ""
-            if "dice_mean" in r:
-                extra = (f"  dice {r['dice_mean']:.3f}  ece {r['ece_mean']:.4f}"
-                         f"  {r.get('compute_seconds', 0):.1f} s")
-            self._line("FINISHED", trial, extra)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.done += 1
-            self._line("FAILED", trial, "  (error after retries; see calib.error)")
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            self._line("RETRY", trial, f"  (attempt {trial.num_failures + 1})")
-
-    return ProgressPrinter()
-
-
-# ---- the waves ---------------------------------------------------------------------------------
+# ---- the graph ---------------------------------------------------------------------------------
 
 @dataclass
 class ExecutionSettings:
@@ -192,8 +229,42 @@ class ExecutionSettings:
     stage_runner: Callable | None = None
 
 
+def _error_text(trial) -> str:
+    """The error Tune recorded for a trial that failed after its retries (as ResultGrid has it)."""
+    try:
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 - an unreadable error file must not stop the sweep
+        error = None
+    if error is None:
+        return "the trial's worker failed (no error recorded by Ray Tune)"
+    if isinstance(error, str):  # the text trace: its last line names the exception
+        lines = [ln for ln in error.strip().splitlines() if ln.strip()]
+        return lines[-1] if lines else "the trial's worker failed"
+    return f"{type(error).__name__}: {error}"
+
+
+def _make_callback(executor: "Executor"):
+    from ray import tune
+
+    class GraphCallback(tune.Callback):
+        """Settles each trial Tune ends (FINISHED / FAILED from its MLflow run), which releases
+        or skips its dependants, and prints one line per trial that ends or is retried (Tune's
+        own tables are switched off)."""
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            executor.trial_ended(_spec_of(trial), trial.last_result or {}, error=None)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            executor.trial_ended(_spec_of(trial), trial.last_result or {}, error=_error_text(trial))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            executor.line("RETRY", _spec_of(trial).label, f"  (attempt {trial.num_failures + 1})")
+
+    return GraphCallback()
+
+
 class Executor:
-    """Runs the trials of a plan that are not done yet, wave after wave (module doc)."""
+    """Runs the trials of a plan that are not done yet as one dependency graph (module doc)."""
 
     def __init__(self, plan: Plan, client, ctx: TrialContext, settings: ExecutionSettings,
                  done_before: Mapping[str, object], data_errors: Mapping[str, str],
@@ -203,6 +274,9 @@ class Executor:
         self.data_errors = dict(data_errors)
         self.out = out
         self.outcomes: dict[str, Outcome] = {}
+        self.graph = None  # the sweeps.graph.TrialGraph of this launch's trials
+        self.total = self.done = 0
+        self.trials_wall = 0.0  # seconds of the one Tune run (its start-up and shutdown included)
 
     def run(self) -> dict[str, Outcome]:
         todo = [t for t in self.plan.trials if t.key not in self.done_before]
@@ -211,79 +285,165 @@ class Executor:
                 run = self.done_before[t.key]
                 self.outcomes[t.key] = Outcome(t, DONE_BEFORE, run.info.run_id,
                                                compute_seconds=run.data.metrics.get("compute_seconds", 0.0))
-        printer = _make_printer(len(todo), self.out)
-        resume = find_resume_checkpoints(self.settings.storage_path, [t.key for t in todo])
-        for index, wave in enumerate(self.plan.waves()):
-            runnable, no_data = [], {}
-            for t in wave:
-                if t.key in self.outcomes:
-                    continue
-                reason = self._skip_reason(t)
-                if not reason:
-                    runnable.append(t)
-                    continue
-                self.outcomes[t.key] = Outcome(t, SKIPPED, error=reason)
-                printer.done += 1
-                if t.dataset in self.data_errors:  # one line per dataset, the error was printed
-                    no_data[t.dataset] = no_data.get(t.dataset, 0) + 1
-                else:
-                    print(f"[{printer.done}/{len(todo)}] SKIPPED  {t.label}  ({reason})", file=self.out, flush=True)
-            for dataset, n in no_data.items():
-                print(f"[{printer.done}/{len(todo)}] SKIPPED  {n} trials of {dataset} (its data are "
-                      "not usable, see the error above)", file=self.out, flush=True)
-            if runnable:
-                stages = sorted({t.stage for t in runnable}, key=["pretrain", "base", "calibrate"].index)
-                print(f"wave {index + 1}/{len(self.plan.waves())}: {len(runnable)} trials "
-                      f"({', '.join(stages)})", file=self.out, flush=True)
-                self._run_wave(index, runnable, printer, resume)
+        self.total = len(todo)
+        runnable = self._skip_unusable_data(todo)
+        if runnable:
+            resume = find_resume_checkpoints(self.settings.storage_path, [t.key for t in runnable])
+            self._run_graph(runnable, resume)
         return self.outcomes
 
-    def _skip_reason(self, t: TrialSpec) -> str:
-        if t.dataset in self.data_errors:
-            return f"data of {t.dataset} not ready: {self.data_errors[t.dataset]}"
-        if t.upstream is not None:
-            up = self.outcomes.get(t.upstream)
-            if up is None or up.status not in (FINISHED, DONE_BEFORE):
-                return f"upstream {self.plan.by_key[t.upstream].label} did not finish"
-        return ""
+    # ---- lines -------------------------------------------------------------------------------
 
-    def _upstream_runs(self, trials: list[TrialSpec]) -> dict[str, str]:
-        return {t.upstream: self.outcomes[t.upstream].run_id for t in trials if t.upstream}
+    def line(self, status: str, label: str, extra: str = "") -> None:
+        print(f"[{self.done:>{len(str(self.total))}}/{self.total}] {status:<8} {label}{extra}",
+              file=self.out, flush=True)
 
-    def _run_wave(self, index: int, trials: list[TrialSpec], printer, resume: dict[str, str]) -> None:
+    def _skip(self, t: TrialSpec, reason: str, quiet: bool = False) -> None:
+        self.outcomes[t.key] = Outcome(t, SKIPPED, error=reason)
+        self.done += 1
+        if not quiet:
+            self.line("SKIPPED", t.label, f"  ({reason})")
+
+    def _skip_unusable_data(self, todo: list[TrialSpec]) -> list[TrialSpec]:
+        """Skip the trials of datasets whose preparation failed (one line per dataset and stage:
+        the error was printed); the others."""
+        runnable, skipped = [], {}
+        for t in todo:
+            if t.dataset not in self.data_errors:
+                runnable.append(t)
+                continue
+            self._skip(t, f"data of {t.dataset} not ready: {self.data_errors[t.dataset]}", quiet=True)
+            skipped[(t.dataset, t.stage)] = skipped.get((t.dataset, t.stage), 0) + 1
+        for (dataset, stage), n in skipped.items():
+            self.line("SKIPPED", f"{n} trials of {dataset}",
+                      f" ({stage}: its data are not usable, see the error above)")
+        return runnable
+
+    # ---- Tune --------------------------------------------------------------------------------
+
+    def _run_graph(self, trials: list[TrialSpec], resume: dict[str, str]) -> None:
         from ray import tune
 
-        from sweeps.search import PlanSearcher
+        from sweeps.graph import GraphSearcher, TrialGraph
 
         s = self.settings
-        ctx = replace(self.ctx, upstream_runs=self._upstream_runs(trials),
-                      resume_checkpoints={t.key: resume[t.key] for t in trials if t.key in resume},
+        self.graph = TrialGraph(trials, {k: r.info.run_id for k, r in self.done_before.items()})
+        searcher = GraphSearcher(self.graph, self._optuna_group)
+        ctx = replace(self.ctx, resume_checkpoints={t.key: resume[t.key] for t in trials if t.key in resume},
                       stage_runner=s.stage_runner)
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _resources)
-        common = dict(max_concurrent_trials=s.max_concurrent, reuse_actors=True,
-                      trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname)
-        if any(t.search == "optuna" for t in trials):
-            grid = self.plan.grid.search
-            searcher = PlanSearcher(trials, grid.lr_low, grid.lr_high, grid.seed,
-                                    prior=self._optuna_prior(trials))
-            tune_config = tune.TuneConfig(search_alg=searcher, num_samples=searcher.total, **common)
-            param_space = {}
-        else:
-            tune_config = tune.TuneConfig(**common)
-            param_space = {"spec": tune.grid_search([t.to_dict() for t in trials])}
+        # max_concurrent_trials wraps the searcher in Tune's ConcurrencyLimiter. Trials start in
+        # the order they were suggested, so the ready queue's order holds but for the few
+        # trials Tune keeps PENDING (a freed slot is filled at once).
+        tune_config = tune.TuneConfig(search_alg=searcher, num_samples=len(trials),
+                                      max_concurrent_trials=s.max_concurrent, reuse_actors=True,
+                                      trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname)
         run_config = tune.RunConfig(
-            name=f"{s.launch_name}-wave{index}", storage_path=str(s.storage_path),
+            name=s.launch_name, storage_path=str(s.storage_path),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=0, callbacks=[printer])
-        results = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
-                             run_config=run_config).fit()
+            verbose=0, callbacks=[_make_callback(self)])
+        # Tune keeps one trial PENDING beside the running ones for a custom searcher; one per
+        # slot lets every slot's actor start at once (and an autoscaler see the demand).
+        cluster = _cluster_resources()
+        pending = max(trial_slots(t.resources, cluster, s.max_concurrent) for t in trials)
+        print(f"running {len(trials)} trials as a dependency graph "
+              f"({', '.join(f'{n} {st}' for st, n in _per_stage(trials))}); each starts when its "
+              "upstream has finished", file=self.out, flush=True)
+        started = time.monotonic()
+        with _env(TUNE_MAX_PENDING_TRIALS_PG=str(pending)):
+            results = tune.Tuner(trainable, param_space={}, tune_config=tune_config,
+                                 run_config=run_config).fit()
+        self.trials_wall = time.monotonic() - started
+        # Normally the callback has settled every trial; this catches what Tune ended without
+        # telling it (or never started), so that no trial is left without an outcome.
         tune_errors = {}
         for result in results:
             key = (result.config or {}).get("spec", {}).get("key")
             if key and result.error is not None:
                 tune_errors[key] = f"{type(result.error).__name__}: {result.error}"
-        self._reconcile(trials, tune_errors)
+        for t in trials:
+            if t.key in self.outcomes:
+                continue
+            up = self.outcomes.get(t.upstream) if t.upstream else None
+            if t.upstream and (up is None or up.status not in (FINISHED, DONE_BEFORE)):
+                self._skip(t, f"upstream {self.plan.by_key[t.upstream].label} did not finish")
+                continue
+            self.trial_ended(t, {}, tune_errors.get(t.key, ""))
+
+    def trial_ended(self, spec: TrialSpec, result: Mapping, error: str | None) -> None:
+        """Record how ``spec`` ended, print its line, then release or skip its dependants."""
+        if spec.key in self.outcomes:  # settled already (Tune may report an end twice)
+            return
+        o = self._settle(spec, result, error)
+        self.outcomes[spec.key] = o
+        self.done += 1
+        if o.status in (FINISHED, DONE_BEFORE):
+            extra = f"  ({o.error})" if o.status == DONE_BEFORE else ""
+            if o.status == FINISHED and DICE_METRIC in result:
+                extra = (f"  dice {result[DICE_METRIC]:.3f}  ece {result.get(ECE_METRIC, float('nan')):.4f}"
+                         f"  {o.compute_seconds:.1f} s")
+            self.line("FINISHED" if o.status == FINISHED else "DONE", spec.label, extra)
+            self.graph.finished(spec.key, o.run_id, o.compute_seconds if o.status == FINISHED else None, spec)
+            return
+        if o.status == ELSEWHERE:
+            self.line(ELSEWHERE, spec.label, f"  ({o.error})")
+            for t in self.graph.failed(spec.key):  # left to the launch that runs their upstream
+                self.outcomes[t.key] = Outcome(t, ELSEWHERE, error=f"its upstream {spec.label} is {o.error}")
+                self.done += 1
+                self.line(ELSEWHERE, t.label, "  (its upstream runs elsewhere)")
+            return
+        self.line("FAILED", spec.label, f"  {o.error[:200]}")
+        for t in self.graph.failed(spec.key):
+            self._skip(t, f"upstream {self.plan.by_key[t.upstream].label} did not finish")
+
+    def _settle(self, spec: TrialSpec, result: Mapping, error: str | None) -> Outcome:
+        """FINISHED when the trial reported its run closed FINISHED; DONE_BEFORE / ELSEWHERE when
+        another launch claimed it (tracking.runs.claimed_elsewhere); otherwise the MLflow run is
+        read back and, if a crashed worker left it RUNNING, ended FAILED with Tune's error."""
+        run_id, status = result.get(RUN_ID_METRIC), result.get(STATUS_METRIC)
+        if not error and run_id and status == f"{FINISHED}_ELSEWHERE":
+            return Outcome(spec, DONE_BEFORE, run_id, error=str(result.get(ERROR_METRIC, "")))
+        if not error and run_id and status == "RUNNING_ELSEWHERE":
+            return Outcome(spec, ELSEWHERE, run_id, error=str(result.get(ERROR_METRIC, "")))
+        if not error and status == FINISHED and run_id:
+            return Outcome(spec, FINISHED, run_id, compute_seconds=float(result.get(COMPUTE_METRIC) or 0.0))
+        return self._reconcile(spec, error or "")
+
+    def _reconcile(self, t: TrialSpec, error: str) -> Outcome:
+        """Read the trial's run back; close what a crashed worker left open (module doc)."""
+        from tracking import schema
+        from tracking.runs import RUNNING, create_failed_run, fail_run, find_trial_run
+
+        run = find_trial_run(self.client, self.ctx.experiment_id, self.ctx.parent_run_id, t.key)
+        if run is None:
+            message = error or "the trial never started (no MLflow run)"
+            run_id = create_failed_run(self.client, self.ctx.experiment_id, self.ctx.parent_run_id,
+                                       t.key, trial_tags(t), t.label, message)
+            return Outcome(t, FAILED, run_id, message)
+        run_id, status = run.info.run_id, run.info.status
+        err = run.data.tags.get(schema.ERROR) or error or status
+        if status == RUNNING:
+            # A worker that tagged its error but could not end the run: keep its message.
+            err = error or run.data.tags.get(schema.ERROR) or "the trial ended without closing its run"
+            fail_run(self.client, run_id, err)
+            status = FAILED
+        seconds = run.data.metrics.get("compute_seconds", 0.0)
+        if status == FINISHED:
+            return Outcome(t, FINISHED, run_id, compute_seconds=seconds)
+        return Outcome(t, FAILED, run_id, err, compute_seconds=seconds)
+
+    # ---- Optuna ------------------------------------------------------------------------------
+
+    def _optuna_group(self, group: str, specs: list[TrialSpec]):
+        """The PlanSearcher of one Optuna group, seeded by the group's place in the plan (the
+        same seed whatever else this launch runs)."""
+        from sweeps.search import PlanSearcher
+
+        groups = sorted({t.search_group for t in self.plan.trials if t.search == "optuna"})
+        grid = self.plan.grid.search
+        return PlanSearcher(specs, grid.lr_low, grid.lr_high, grid.seed + groups.index(group),
+                            prior=self._optuna_prior(specs))
 
     def _optuna_prior(self, trials: list[TrialSpec]) -> dict[str, list[tuple[float, float]]]:
         """(lr, best_val_loss) of the Optuna samples of these groups that earlier launches finished."""
@@ -299,31 +459,28 @@ class Executor:
                 prior.setdefault(t.search_group, []).append((float(lr), float(loss)))
         return prior
 
-    def _reconcile(self, trials: list[TrialSpec], tune_errors: Mapping[str, str]) -> None:
-        """Read each trial's run back; close what a crashed worker left open (module doc)."""
-        from tracking import schema
-        from tracking.runs import RUNNING, create_failed_run, fail_run, trial_runs_under
 
-        runs = trial_runs_under(self.client, self.ctx.experiment_id, self.ctx.parent_run_id)
-        for t in trials:
-            run = runs.get(t.key)
-            error = tune_errors.get(t.key, "")
-            if run is None:
-                message = error or "the trial never started (no MLflow run)"
-                run_id = create_failed_run(self.client, self.ctx.experiment_id, self.ctx.parent_run_id,
-                                           t.key, trial_tags(t), t.label, message)
-                self.outcomes[t.key] = Outcome(t, FAILED, run_id, message)
-                continue
-            run_id, status = run.info.run_id, run.info.status
-            err = run.data.tags.get(schema.ERROR) or error or status
-            if status == RUNNING:
-                # A worker that tagged its error but could not end the run: keep its message.
-                err = error or run.data.tags.get(schema.ERROR) or "the trial ended without closing its run"
-                fail_run(self.client, run_id, err)
-                status = FAILED
-            if status == FINISHED:
-                self.outcomes[t.key] = Outcome(t, FINISHED, run_id,
-                                               compute_seconds=run.data.metrics.get("compute_seconds", 0.0))
-            else:
-                self.outcomes[t.key] = Outcome(t, FAILED, run_id, err,
-                                               compute_seconds=run.data.metrics.get("compute_seconds", 0.0))
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Environment variables set for the block unless the user set them (Tune reads some of
+    its settings from the environment when a run starts)."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _per_stage(trials: Iterable[TrialSpec]) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.stage] = counts.get(t.stage, 0) + 1
+    return [(s, counts[s]) for s in ("pretrain", "base", "calibrate") if s in counts]

@@ -1,8 +1,13 @@
 """One launch of a grid: validate, plan, track, run on Ray, summarise, report.
 
 :func:`launch` is what ``python sweeps/launch.py`` calls. Exit status: 0 every planned trial is
-FINISHED (in this launch or an earlier one); 1 some trial failed or was skipped; 2 bad arguments,
-grid, data root or tracking store -- reported in one line before Ray starts.
+FINISHED (in this launch or another) or left to a live launch that claimed it; 1 some trial failed
+or was skipped; 2 bad arguments, grid, data root or tracking store, another launch live on the
+experiment (without ``--force-concurrent``), or a local tracking store with a Ray cluster whose
+other nodes cannot reach it -- reported in one line before any trial starts.
+
+The launch holds a lease on the experiment (tracking.lease): its sweep run carries its driver's
+host and pid and a heartbeat that a driver thread refreshes.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class LaunchOptions:
     num_cpus: int | None = None
     report: bool = True
     verbose: bool = False
+    force_concurrent: bool = False  # run beside a live launch, only the trials it has not claimed
+    lease_timeout: float = 180.0  # seconds without a heartbeat after which this launch counts as dead
     stage_runner: Callable | None = None  # tests: replaces sweeps.stage_runner.run_stage
     system_metrics: bool | None = None  # log system/* metrics per trial; None: the grid's setting
 
@@ -74,7 +81,7 @@ def launch(opts: LaunchOptions, out: TextIO | None = None, err: TextIO | None = 
     started = time.monotonic()
     # Progress bars of artifact downloads would drown the one-line-per-trial log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from tracking.store import TrackingError, check_reachable, resolve_tracking_uri
+    from tracking.store import TrackingError, check_reachable, local_store_path, resolve_tracking_uri
 
     overrides = Overrides(data_roots=frozen_map(opts.data_roots), search=opts.search,
                           work_dir=opts.work_dir, max_concurrent=opts.max_concurrent)
@@ -87,12 +94,25 @@ def launch(opts: LaunchOptions, out: TextIO | None = None, err: TextIO | None = 
     uri = resolve_tracking_uri(opts.tracking_uri)
     if opts.dry_run:
         return dry_run(plan, uri, experiment, out, err)
+    address = opts.address or os.environ.get("RAY_ADDRESS") or None
+    from sweeps.execute import is_local_address
+
+    if local_store_path(uri) is not None and not is_local_address(address):
+        return _err(_store_guard(uri, f"the Ray cluster at {address} is not on this machine"), err)
     try:
         check_reachable(uri)
     except TrackingError as exc:
         return _err(str(exc), err)
     _exit_on_sigterm()
     return _run(grid, plan, opts, uri, experiment, started, out, err)
+
+
+def _store_guard(uri: str, why: str) -> str:
+    """The one line refusing a local tracking store that the cluster's workers cannot reach."""
+    return (f"the tracking store {uri} is a file on this machine, but {why}: trials on other "
+            "nodes could not record their runs. Run an MLflow server (e.g. `mlflow server "
+            "--backend-store-uri postgresql://USER@DBHOST/mlflow --serve-artifacts --host 0.0.0.0 "
+            "--port 5000`) and pass its URI: --tracking-uri http://THIS_HOST:5000")
 
 
 def dry_run(plan: Plan, uri: str, experiment: str, out: TextIO, err: TextIO) -> int:
@@ -140,16 +160,28 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
          started: float, out: TextIO, err: TextIO) -> int:
     import ray
 
-    from sweeps.execute import ExecutionSettings, Executor, connect_ray, resource_problems
+    from sweeps.execute import (ExecutionSettings, Executor, alive_nodes, connect_ray, resource_problems,
+                                trial_slots)
     from sweeps.summary import degenerate_text, outcome_table
     from tracking.guard import degenerate_models
     from sweeps.trainable import TrialContext
     from tracking import runs as tr
+    from tracking.lease import Heartbeat, driver_tags, heartbeat_every, live_leases
     from tracking.models import prepare_experiment, source_tags
-    from tracking.store import client as make_client, get_or_create_experiment, ui_command
+    from tracking.store import client as make_client, get_or_create_experiment, local_store_path, ui_command
 
     client = make_client(uri)
     exp_id = get_or_create_experiment(client, experiment, uri)
+    live = live_leases(client, exp_id)
+    if live and not opts.force_concurrent:
+        other = live[0]
+        return _err(f"another launch is live on experiment {experiment}: {other.describe()}. Wait for "
+                    f"it to end, or pass --force-concurrent to run only the trials it has not claimed "
+                    f"(it counts as dead {other.timeout_s:g} s after its last heartbeat; --resume "
+                    "then takes over)", err)
+    for other in live:
+        print(f"note: {other.describe()} is live on experiment {experiment}; --force-concurrent: "
+              "this launch runs only the trials it has not claimed", file=out)
     runs_url = prepare_experiment(client, exp_id, uri)  # the UI opens on the runs (tracking.models)
     run_tags = source_tags(ENTRY_POINT, git_commit())
     if opts.resume:
@@ -165,8 +197,11 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
 
     # Nothing to run (a --resume of a complete sweep): no Ray at all.
     started_ray = connect_ray(opts.address, opts.num_cpus, opts.verbose) if todo else False
-    parent, parent_done = None, False
+    parent, parent_done, beat = None, False, None
     try:
+        nodes = alive_nodes() if todo else 1
+        if nodes > 1 and local_store_path(uri) is not None:
+            return _err(_store_guard(uri, f"the Ray cluster has {nodes} nodes"), err)
         problems = resource_problems(todo, ray.cluster_resources()) if todo else []
         if problems:
             msg = "; ".join(problems)
@@ -176,7 +211,9 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
 
         grid_yaml = grid.to_yaml()
         parent = tr.start_sweep_run(client, exp_id, grid_name=grid.name, grid_yaml=grid_yaml,
-                                    git_commit=git_commit(), resumed=opts.resume, extra_tags=run_tags)
+                                    git_commit=git_commit(), resumed=opts.resume,
+                                    extra_tags={**driver_tags(opts.lease_timeout), **run_tags})
+        beat = Heartbeat(make_client(uri), parent, heartbeat_every(opts.lease_timeout)).start()
         print(f"launch: grid {grid.name}, {len(plan.trials)} trials, {len(todo)} to run; "
               f"experiment {experiment}; sweep run {parent}", file=out, flush=True)
         print(f"runs: {runs_url}", file=out, flush=True)
@@ -190,8 +227,10 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
                                      max_failures=grid.execution.max_failures,
                                      max_concurrent=grid.execution.max_concurrent,
                                      stage_runner=opts.stage_runner)
-        outcomes = Executor(plan, client, ctx, settings, done_before, data_errors, out).run()
+        executor = Executor(plan, client, ctx, settings, done_before, data_errors, out)
+        outcomes = executor.run()
         wall = time.monotonic() - started
+        cluster = dict(ray.cluster_resources()) if todo else {}
         ok = _end_sweep(client, parent, outcomes, wall)
         parent_done = True
     except BaseException as exc:
@@ -206,10 +245,13 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
                 pass
         raise
     finally:
+        if beat is not None:
+            beat.stop()
         if started_ray:
             ray.shutdown()
 
-    print("\n" + outcome_table(outcomes, wall), file=out)
+    slots_of = (lambda t: trial_slots(t.resources, cluster, settings.max_concurrent)) if cluster else None
+    print("\n" + outcome_table(outcomes, wall, slots_of, executor.trials_wall), file=out)
     print(degenerate_text(degenerate_models(client, exp_id, plan.by_key)), file=out)
     if opts.report:
         _report(experiment, uri, parent, grid.work_dir / "report", out, err)
@@ -246,16 +288,19 @@ def _storage_path(opts: LaunchOptions, grid: GridConfig) -> str:
 
 
 def _end_sweep(client, parent: str, outcomes: Mapping, wall: float) -> bool:
-    """End the sweep run FINISHED when every trial is, else FAILED, with the launch's totals."""
-    from sweeps.execute import DONE_BEFORE, FAILED, FINISHED, SKIPPED
+    """End the sweep run FINISHED when every trial is (or another live launch runs it), else
+    FAILED, with the launch's totals."""
+    from sweeps.execute import DONE_BEFORE, ELSEWHERE, FAILED, FINISHED, SKIPPED
     from tracking import runs as tr
 
-    n = {s: sum(o.status == s for o in outcomes.values()) for s in (FINISHED, FAILED, SKIPPED, DONE_BEFORE)}
-    ok = n[FINISHED] + n[DONE_BEFORE] == len(outcomes)
+    n = {s: sum(o.status == s for o in outcomes.values())
+         for s in (FINISHED, FAILED, SKIPPED, DONE_BEFORE, ELSEWHERE)}
+    ok = n[FINISHED] + n[DONE_BEFORE] + n[ELSEWHERE] == len(outcomes)
     tr.end_sweep_run(client, parent, "FINISHED" if ok else "FAILED",
                      {"trials_planned": len(outcomes), "trials_finished": n[FINISHED],
                       "trials_failed": n[FAILED], "trials_skipped": n[SKIPPED],
-                      "trials_done_before": n[DONE_BEFORE], "wall_seconds": wall,
+                      "trials_done_before": n[DONE_BEFORE], "trials_elsewhere": n[ELSEWHERE],
+                      "wall_seconds": wall,
                       "compute_seconds": sum(o.compute_seconds for o in outcomes.values()
                                              if o.status != DONE_BEFORE)})
     return ok

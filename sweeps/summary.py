@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from sweeps.config import STAGES
-from sweeps.plan import Plan
+from sweeps.plan import Plan, TrialSpec
 
 if TYPE_CHECKING:
     from sweeps.execute import Outcome
@@ -70,10 +70,30 @@ def plan_table(plan: Plan, finished_keys: set[str] | None) -> str:
             + _table(["stage", "method", "trials", "resources/trial", "lr", "finished in MLflow"], rows))
 
 
-def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float) -> str:
-    """Finished / failed / skipped / done-before per stage, compute time per stage, wall time,
-    then one line per failed trial with its error."""
-    from sweeps.execute import DONE_BEFORE, FAILED, FINISHED, SKIPPED
+def busy(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
+         slots_of: Callable[[TrialSpec], int]) -> float:
+    """Fraction of the cluster's trial slots kept busy: the sum over this launch's trials of
+    compute seconds / slots of the trial's kind, over the wall time. With one kind of trial,
+    trial compute / (wall x slots); a trial kind that fits n at a time fills 1/n of the cluster."""
+    from sweeps.execute import FAILED, FINISHED
+
+    if wall_seconds <= 0:
+        return 0.0
+    used = sum(o.compute_seconds / slots_of(o.spec) for o in outcomes.values()
+               if o.status in (FINISHED, FAILED))
+    return used / wall_seconds
+
+
+def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
+                  slots_of: Callable[[TrialSpec], int] | None = None,
+                  trials_wall_seconds: float | None = None) -> str:
+    """Finished / failed / skipped / done-before (/ elsewhere) per stage, compute time per stage,
+    wall time, how busy the trial slots were (``slots_of``: a trial -> how many of its kind the cluster
+    runs at once; :func:`busy`), then one line per failed trial with its error.
+
+    ``busy`` is given over the launch's wall time (Ray start, MLflow store and data preparation
+    included) and, with ``trials_wall_seconds``, over the Tune run alone."""
+    from sweeps.execute import DONE_BEFORE, ELSEWHERE, FAILED, FINISHED, SKIPPED
 
     stats: dict[str, dict] = {s: defaultdict(float) for s in STAGES}
     for o in outcomes.values():
@@ -83,18 +103,33 @@ def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float) -> str
         if o.status in (FINISHED, FAILED):
             st["compute"] += o.compute_seconds
     rows, tot = [], defaultdict(float)
+    # Trials another live launch runs (--force-concurrent): a column only when there are some.
+    tot_elsewhere = any(o.status == ELSEWHERE for o in outcomes.values())
     for s in STAGES:
         st = stats[s]
         if not st["planned"]:
             continue
-        for k in ("planned", FINISHED, FAILED, SKIPPED, DONE_BEFORE, "compute"):
+        for k in ("planned", FINISHED, FAILED, SKIPPED, DONE_BEFORE, ELSEWHERE, "compute"):
             tot[k] += st[k]
-        rows.append([s, int(st["planned"]), int(st[FINISHED]), int(st[FAILED]), int(st[SKIPPED]),
-                     int(st[DONE_BEFORE]), duration(st["compute"])])
-    rows.append(["total", int(tot["planned"]), int(tot[FINISHED]), int(tot[FAILED]), int(tot[SKIPPED]),
-                 int(tot[DONE_BEFORE]), duration(tot["compute"])])
-    text = _table(["stage", "planned", "finished", "failed", "skipped", "done before", "compute"], rows)
+        rows.append([s, *(int(st[k]) for k in ("planned", FINISHED, FAILED, SKIPPED, DONE_BEFORE)),
+                     *([int(st[ELSEWHERE])] if tot_elsewhere else []), duration(st["compute"])])
+    rows.append(["total", *(int(tot[k]) for k in ("planned", FINISHED, FAILED, SKIPPED, DONE_BEFORE)),
+                 *([int(tot[ELSEWHERE])] if tot_elsewhere else []), duration(tot["compute"])])
+    text = _table(["stage", "planned", "finished", "failed", "skipped", "done before",
+                   *(["elsewhere"] if tot_elsewhere else []), "compute"], rows)
     text += f"\nwall time {duration(wall_seconds)}, compute time {duration(tot['compute'])} (this launch)"
+    ran = [o for o in outcomes.values() if o.status in (FINISHED, FAILED)]
+    if slots_of is not None and ran:
+        kinds = {slots_of(o.spec) for o in ran}
+        per = f"{kinds.pop()} slots" if len(kinds) == 1 else "the slots of each trial's kind"
+        text += f"\nbusy {100 * busy(outcomes, wall_seconds, slots_of):.0f} % (trial compute / (wall x {per}))"
+        if trials_wall_seconds:
+            text += (f"; {100 * busy(outcomes, trials_wall_seconds, slots_of):.0f} % over the "
+                     f"{duration(trials_wall_seconds)} of the Tune run")
+    if tot_elsewhere:
+        text += (f"\n{int(tot[ELSEWHERE])} trials left to another live launch that claimed them "
+                 "(the ELSEWHERE lines name its sweep run); --resume after it ends runs what it "
+                 "did not finish")
     failed = [o for o in outcomes.values() if o.status == FAILED]
     if failed:
         text += "\nfailed trials:"

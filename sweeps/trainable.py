@@ -21,7 +21,9 @@ is raised so that Ray retries the trial (FailureConfig.max_failures).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -36,6 +38,8 @@ CHECKPOINT_FILE = "checkpoint.pt"  # what calib.stages resumes from, in its work
 PROGRESS_FILE = "progress.json"  # beside it in a Ray checkpoint: trial key, epoch, compute seconds
 STATUS_METRIC = "calib_status"  # FINISHED / FAILED, in the last result a trial reports to Tune
 ERROR_METRIC = "calib_error"
+RUN_ID_METRIC = "calib_run_id"  # beside FINISHED: the trial's MLflow run, for its dependants
+UPSTREAM_RUN_CONFIG = "upstream_run_id"  # in a trial's Tune config: its upstream's FINISHED run
 
 
 @dataclass
@@ -240,16 +244,23 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
     spec = TrialSpec.from_dict(config["spec"])
     if spec.search == "optuna" and config.get("lr") is not None:
         spec = spec.with_lr(config["lr"])
+    if spec.upstream and config.get(UPSTREAM_RUN_CONFIG):  # the graph scheduler passes it in
+        ctx = dataclasses.replace(ctx, upstream_runs={**ctx.upstream_runs,
+                                                      spec.upstream: config[UPSTREAM_RUN_CONFIG]})
     # One torch thread per CPU Ray gave this trial: concurrent trials must not oversubscribe.
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     client = make_client(ctx.tracking_uri)
-    run = TrialRun.open(client, ctx.experiment_id, ctx.parent_run_id, spec.key,
-                        {**trial_tags(spec), **ctx.run_tags}, run_name=spec.label)
+    run = TrialRun.open(client, ctx.experiment_id, ctx.parent_run_id, spec.key, {**trial_tags(spec), **ctx.run_tags},
+                        run_name=spec.label)
+    if run.elsewhere:  # another live launch claims this trial key: it is not run here
+        tune.report({schema.BEST_VAL_LOSS: None, STATUS_METRIC: f"{run.elsewhere}_ELSEWHERE",
+                     RUN_ID_METRIC: run.run_id, ERROR_METRIC: run.elsewhere_note})
+        return
     if run.already_finished:  # finished by an earlier attempt that Ray then retried
         metrics = client.get_run(run.run_id).data.metrics
         tune.report({schema.BEST_VAL_LOSS: None,
                      **{k: metrics.get(k) for k in schema.FINAL_METRICS if k in metrics},
-                     STATUS_METRIC: "FINISHED"})
+                     STATUS_METRIC: "FINISHED", RUN_ID_METRIC: run.run_id})
         return
 
     scratch = Path(tempfile.mkdtemp(prefix=f"calib-{spec.key[:10]}-"))
@@ -257,7 +268,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
     try:  # from here on every way out closes the run (FINISHED or FAILED)
         # Where this attempt runs: on a cluster, the node to look at when a trial misbehaves.
         run.set_tags({schema.NODE_ID: ray.get_runtime_context().get_node_id(),
-                      schema.NODE_IP: ray.util.get_node_ip_address()})
+                      schema.NODE_IP: ray.util.get_node_ip_address(), schema.WORKER_PID: os.getpid()})
         work_dir = scratch / "work"
         work_dir.mkdir()
         before, resumed_epoch = _restore(work_dir, ctx.resume_checkpoints.get(spec.key))
@@ -287,7 +298,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
                           ctx.upstream_runs.get(spec.upstream or ""), scratch / "lineage")
         run.finish()
         finished = True
-        tune.report({**metrics, STATUS_METRIC: "FINISHED"})
+        tune.report({**metrics, STATUS_METRIC: "FINISHED", RUN_ID_METRIC: run.run_id})
     except BaseException as exc:  # also Ctrl-C / SystemExit (Tune stopping the trial): no RUNNING run
         if finished:  # the run is complete; a failing last report must not turn it FAILED
             raise  # (a retry finds it FINISHED and only reports it)

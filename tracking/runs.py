@@ -10,7 +10,12 @@ Guarantees the sweep relies on:
   Ray retried or restored) and reuses it; epochs it already logged are not logged twice.
 * **No run left RUNNING.** A failing trial ends its run FAILED with tag ``calib.error``; the
   launcher closes what a crashed worker left behind (:func:`fail_run`); a ``--resume`` launch
-  closes the runs of a dead launch as KILLED (:func:`close_stale_runs`).
+  closes the runs of a dead launch as KILLED (:func:`close_stale_runs`), never those of a live
+  one (tracking.lease).
+* **One launch per trial key.** The trial run is the trial's claim: created first, then checked
+  against other launches' runs of the key (:func:`claimed_elsewhere`); the later of two claims
+  yields and keeps no run. Claiming needs the store: while it is unreachable no trial starts
+  (Ray retries the attempt), so none runs unclaimed.
 * **Upstream results across nodes.** A downstream trial finds its upstream run by trial key
   (:func:`finished_trial_runs`) and downloads its artifacts (:func:`fetch_artifacts`) through the
   tracking server -- no path that exists on one node only.
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from tracking import schema
@@ -116,19 +121,67 @@ def trial_runs_under(client: MlflowClient, experiment_id: str, parent_run_id: st
     return out
 
 
-def close_stale_runs(client: MlflowClient, experiment_id: str, keep: Iterable[str] = ()) -> list[str]:
-    """End every RUNNING sweep or trial run of the experiment as KILLED; their ids.
+def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str):
+    """The newest run of ``trial_key`` under ``parent_run_id`` (any status), or None."""
+    filt = (f"tags.`{schema.TRIAL_KEY}` = {_q(trial_key)} and "
+            f"tags.`{schema.PARENT_RUN_ID}` = {_q(parent_run_id)}")
+    found = search_runs(client, experiment_id, filt)
+    return found[0] if found else None
 
-    Called by a ``--resume`` launch: a run still RUNNING then belongs to a launch that died
-    (driver killed, node lost), so nobody will ever end it. Runs in ``keep`` are left alone.
+
+def claimed_elsewhere(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str,
+                      own_run_id: str, since_ms: int):
+    """Another launch's run that claims ``trial_key``, or None (then this launch's claim, run
+    ``own_run_id`` made at ``since_ms``, holds).
+
+    A claim is a trial run of the key under another sweep run that is either RUNNING, under a
+    live lease (tracking.lease), and made before ours -- by (start time, run id), so two launches
+    that claim at once agree on who won -- or FINISHED since this launch started (a concurrent
+    launch did the trial; runs finished before are what a launch without ``--resume`` repeats).
     """
+    from tracking.lease import LeaseCache
+
+    filt = f"tags.`{schema.TRIAL_KEY}` = {_q(trial_key)} and tags.`{schema.ROLE}` = {_q(schema.ROLE_TRIAL)}"
+    leases, launch_start = None, None
+    for run in search_runs(client, experiment_id, filt):
+        if run.info.run_id == own_run_id or run.data.tags.get(schema.PARENT_RUN_ID) == parent_run_id:
+            continue
+        if run.info.status == RUNNING and (run.info.start_time, run.info.run_id) < (since_ms, own_run_id):
+            leases = leases or LeaseCache(client)
+            if leases.get(run.data.tags.get(schema.PARENT_RUN_ID, "")).alive:
+                return run
+        elif run.info.status == FINISHED:
+            if launch_start is None:
+                launch_start = client.get_run(parent_run_id).info.start_time
+            if (run.info.end_time or 0) > launch_start:
+                return run
+    return None
+
+
+def close_stale_runs(client: MlflowClient, experiment_id: str, keep: Iterable[str] = ()) -> list[str]:
+    """End the RUNNING sweep and trial runs of dead launches as KILLED; their ids.
+
+    Called by a ``--resume`` launch: a run still RUNNING whose launch's lease is dead
+    (tracking.lease: sweep run ended, heartbeat older than its timeout, or its driver gone from
+    this machine) will never be ended by anybody. The runs of a live launch are never touched,
+    nor runs in ``keep``.
+    """
+    from tracking.lease import LeaseCache
+
     keep = set(keep)
+    leases = LeaseCache(client, ttl_s=float("inf"))
     closed = []
     filt = "attributes.status = 'RUNNING'"
     for run in search_runs(client, experiment_id, filt):
-        if run.info.run_id in keep or run.data.tags.get(schema.ROLE) not in (schema.ROLE_SWEEP, schema.ROLE_TRIAL):
+        role = run.data.tags.get(schema.ROLE)
+        if run.info.run_id in keep or role not in (schema.ROLE_SWEEP, schema.ROLE_TRIAL):
             continue
-        end_run(client, run.info.run_id, KILLED, "killed: its launch died; closed by a --resume launch")
+        owner = run.info.run_id if role == schema.ROLE_SWEEP else run.data.tags.get(schema.PARENT_RUN_ID, "")
+        lease = leases.get(owner)
+        if lease.alive:
+            continue
+        end_run(client, run.info.run_id, KILLED,
+                f"killed: its launch died ({lease.reason}); closed by a --resume launch")
         closed.append(run.info.run_id)
     return closed
 
@@ -168,7 +221,10 @@ class TrialRun:
 
     ``already_finished``: an earlier attempt of this launch finished the trial (Ray retried it
     after the run was closed); the caller should report and return. ``logged_epochs``: epochs an
-    earlier attempt logged, so a resumed attempt does not log an epoch twice.
+    earlier attempt logged, so a resumed attempt does not log an epoch twice. ``elsewhere``:
+    RUNNING or FINISHED when another launch claims the trial key (:func:`claimed_elsewhere`);
+    ``run_id`` is then that launch's run, ``elsewhere_sweep`` its sweep run, and the caller
+    must not run the trial.
     """
 
     client: MlflowClient
@@ -176,19 +232,34 @@ class TrialRun:
     reused: bool = False
     already_finished: bool = False
     logged_epochs: set[int] = field(default_factory=set)
+    elsewhere: str = ""
+    elsewhere_sweep: str = ""
+
+    @property
+    def elsewhere_note(self) -> str:
+        """``running in sweep run 1a2b...`` / ``finished by sweep run ...``."""
+        verb = "running in" if self.elsewhere == RUNNING else "finished by"
+        return f"{verb} sweep run {self.elsewhere_sweep} (its run {self.run_id})"
 
     @classmethod
     def open(cls, client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str,
              tags: Mapping[str, str], run_name: str) -> "TrialRun":
-        """The run of ``trial_key`` under ``parent_run_id``: found and re-opened, else created."""
-        filt = (f"tags.`{schema.TRIAL_KEY}` = {_q(trial_key)} and "
-                f"tags.`{schema.PARENT_RUN_ID}` = {_q(parent_run_id)}")
-        found = search_runs(client, experiment_id, filt)
-        if found:
-            run = found[0]
+        """The run of ``trial_key`` under ``parent_run_id``: found and re-opened, else created --
+        the trial's claim -- unless another launch claims the key (:func:`claimed_elsewhere`):
+        then a TrialRun with ``elsewhere`` set, and this launch keeps no run for the key (a new
+        claim is deleted; a re-opened run is ended KILLED)."""
+        run = find_trial_run(client, experiment_id, parent_run_id, trial_key)
+        if run is not None:
             run_id = run.info.run_id
             if run.info.status == FINISHED:
                 return cls(client, run_id, reused=True, already_finished=True)
+            # Re-opened after a failed attempt: the claim lapsed while the run was not RUNNING,
+            # so a claim made since then wins.
+            other = claimed_elsewhere(client, experiment_id, parent_run_id, trial_key, run_id, _now_ms())
+            if other is not None:
+                found = cls._elsewhere(client, other)
+                end_run(client, run_id, KILLED, f"not retried: the trial is {found.elsewhere_note}")
+                return found
             client.update_run(run_id, status=RUNNING)
             if schema.ERROR in run.data.tags:
                 client.delete_tag(run_id, schema.ERROR)
@@ -197,7 +268,17 @@ class TrialRun:
         all_tags = {**{k: str(v) for k, v in tags.items()}, schema.TRIAL_KEY: trial_key,
                     schema.PARENT_RUN_ID: parent_run_id, schema.ROLE: schema.ROLE_TRIAL}
         run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+        other = claimed_elsewhere(client, experiment_id, parent_run_id, trial_key, run.info.run_id,
+                                  run.info.start_time)
+        if other is not None:  # lost the claim: leave no run of ours behind
+            client.delete_run(run.info.run_id)
+            return cls._elsewhere(client, other)
         return cls(client, run.info.run_id)
+
+    @classmethod
+    def _elsewhere(cls, client: MlflowClient, other) -> "TrialRun":
+        return cls(client, other.info.run_id, elsewhere=other.info.status,
+                   elsewhere_sweep=other.data.tags.get(schema.PARENT_RUN_ID, ""))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params once (a re-opened run already has them; MLflow refuses changed values)."""
@@ -220,8 +301,9 @@ class TrialRun:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in values.items()])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        """Set ``tags`` in one request (a trial's few tags; MLflow's batch limit is 100)."""
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -246,10 +328,15 @@ class TrialRun:
 
 def create_failed_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str,
                       tags: Mapping[str, str], run_name: str, message: str) -> str:
-    """Record a trial that failed before it could open its own run (e.g. its worker died)."""
-    run = TrialRun.open(client, experiment_id, parent_run_id, trial_key, tags, run_name)
-    run.fail(message)
-    return run.run_id
+    """Record a trial that failed before it could open its own run (e.g. its worker died): a
+    FAILED run of the key under the launch (a record, not a claim)."""
+    run = find_trial_run(client, experiment_id, parent_run_id, trial_key)
+    if run is None:
+        all_tags = {**{k: str(v) for k, v in tags.items()}, schema.TRIAL_KEY: trial_key,
+                    schema.PARENT_RUN_ID: parent_run_id, schema.ROLE: schema.ROLE_TRIAL}
+        run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    fail_run(client, run.info.run_id, message)
+    return run.info.run_id
 
 
 def _param_text(v: Any) -> str:

@@ -64,3 +64,12 @@ GRID_FILE = "grid.yaml"  # on the sweep run: the resolved grid
 
 PER_SUBJECT_COLUMNS = ("subject_id", "fold", "dice", "ece")
 RELIABILITY_COLUMNS = ("subject_id", "bin", "count", "conf_sum", "pos_sum")
+
+# ---- the launch lease (on the sweep run) and trial claims ----------------------------------------
+HEARTBEAT = "calib.heartbeat"  # unix time (s) of the driver's last heartbeat, refreshed by a thread
+LEASE_TIMEOUT = "calib.lease_timeout_s"  # after this many seconds without a heartbeat: a dead launch
+DRIVER_HOST = "calib.driver_host"  # host name of the launch's driver
+DRIVER_PID = "calib.driver_pid"
+DRIVER_MACHINE = "calib.driver_machine"  # boot id + pid namespace: where DRIVER_PID means something
+DRIVER_STARTED = "calib.driver_started"  # the driver process's start (clock ticks since boot)
+WORKER_PID = "calib.worker_pid"  # on a trial run: the Ray worker process of its last attempt

@@ -170,14 +170,17 @@ def run_mlflow_server(
     env: dict[str, str] | None = None,
     extra_args: tuple[str, ...] = (),
     backend_from_env: bool = False,
+    port: int | None = None,
 ) -> Iterator[MlflowServer]:
     """Run `mlflow server` on PostgreSQL `database` with proxied artifacts under `workdir`.
 
     `env`, `extra_args` and `backend_from_env` (no --backend-store-uri: the server reads
-    MLFLOW_BACKEND_STORE_URI from `env`) let a test run the server as the Docker image does.
+    MLFLOW_BACKEND_STORE_URI from `env`) let a test run the server as the Docker image does;
+    `port` (default: a free one) lets a test restart a server where its clients expect it.
     Stops the server on exit, whatever happened.
     """
-    (port,) = free_ports(1)
+    if port is None:
+        (port,) = free_ports(1)
     artifacts = workdir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     log = workdir / "mlflow-server.log"

@@ -6,7 +6,10 @@ calling the callbacks, returns a StageResult with per-subject rows of the test f
 
 * ``fail``: raise ValueError (bad data: no retry);
 * ``crash_once``: on the first attempt raise RuntimeError at epoch 2 (a lost worker: Ray retries,
-  the retry resumes from epoch 2); a marker file in ``marker_dir`` remembers the attempt.
+  the retry resumes from epoch 2); a marker file in ``marker_dir`` remembers the attempt;
+* ``hold`` / ``release``: a ``hold`` trial waits at epoch 1 until a ``release`` trial has run
+  all its epochs (a marker file in ``marker_dir``; at most HOLD_TIMEOUT_S), so that tests
+  control which trial outlasts which without timing anything.
 
 Ray pickles this module by value, so workers need not import it from the tests folder.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,8 @@ import pandas as pd
 import ray.cloudpickle
 
 EPOCHS = 4
+HOLD_TIMEOUT_S = 90.0
+RELEASED = "released"
 
 
 def _matches(spec, selector) -> bool:
@@ -33,16 +39,21 @@ class FakeStage:
     """Callable with sweeps.stage_runner.run_stage's signature (module doc)."""
 
     def __init__(self, fail: dict | None = None, crash_once: dict | None = None,
-                 marker_dir: str | None = None):
+                 marker_dir: str | None = None, hold: dict | None = None, release: dict | None = None):
         self.fail, self.crash_once, self.marker_dir = fail, crash_once, marker_dir
+        self.hold, self.release = hold, release
 
     def __call__(self, spec, data, work_dir, upstream, device, callbacks):
+        marker = Path(self.marker_dir) / RELEASED if self.marker_dir else None
         return fake_run_stage(spec, data, work_dir, upstream, device, callbacks,
                               fail=_matches(spec, self.fail),
-                              marker_dir=self.marker_dir if _matches(spec, self.crash_once) else None)
+                              marker_dir=self.marker_dir if _matches(spec, self.crash_once) else None,
+                              wait_for=marker if _matches(spec, self.hold) else None,
+                              signal=marker if _matches(spec, self.release) else None)
 
 
-def fake_run_stage(spec, data, work_dir, upstream, device, callbacks, fail=False, marker_dir=None):
+def fake_run_stage(spec, data, work_dir, upstream, device, callbacks, fail=False, marker_dir=None,
+                   wait_for: Path | None = None, signal: Path | None = None):
     from calib.stages import StageResult
     from calib.training import EpochResult
 
@@ -59,6 +70,10 @@ def fake_run_stage(spec, data, work_dir, upstream, device, callbacks, fail=False
         state = json.loads(ckpt.read_text())
         start, history = state["epoch"] + 1, state["history"]
     for epoch in range(start, EPOCHS):
+        if wait_for is not None and epoch == 1:
+            end = time.monotonic() + HOLD_TIMEOUT_S
+            while not wait_for.exists() and time.monotonic() < end:
+                time.sleep(0.2)
         if marker_dir and epoch == 2:
             marker = Path(marker_dir) / spec.key
             if not marker.exists():
@@ -71,6 +86,8 @@ def fake_run_stage(spec, data, work_dir, upstream, device, callbacks, fail=False
         os.replace(tmp, ckpt)
         for cb in callbacks:
             cb(EpochResult(epoch, loss, loss + 0.1, 0.01, ckpt))
+    if signal is not None:
+        signal.write_text(f"{spec.label} ran all its epochs")
     weights = work_dir / "weights.pt"
     weights.write_text(f"weights of {spec.key}")
     extra = {}

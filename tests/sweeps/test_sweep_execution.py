@@ -1,6 +1,8 @@
 """The Ray Tune glue with a fake stage (tests/sweeps/fake_stages.py): retries resume mid-way
-without duplicate runs, a failing trial fails alone, --resume runs only what is missing, and
---search optuna samples the MC learning rates. Real Ray, real MLflow, real data preparation."""
+without duplicate runs, a failing trial fails alone, --resume runs only what is missing,
+--search optuna samples the MC learning rates, and trials run as a dependency graph (a
+downstream trial starts while an unrelated upstream one still runs). Real Ray, real MLflow,
+real data preparation."""
 
 from __future__ import annotations
 
@@ -111,3 +113,32 @@ def test_unusable_data_is_reported_and_its_trials_skipped(ray_session, phantom_r
     assert "SKIPPED  4 trials of brats18" in out.getvalue()  # their 4 calibrations
     _, trials, sweeps = _trial_runs(mlflow_store, "calib-tiny")
     assert trials == [] and sweeps[0].info.status == "FAILED"
+
+
+def test_downstream_trials_start_while_an_unrelated_upstream_runs(ray_session, phantom_root, shared_cache,
+                                                                   tmp_path, mlflow_store):
+    grid = tiny_grid(tmp_path / "grid.yaml", phantom_root, shared_cache, methods={"platt": {}})
+    plan = expand(load_grid(str(grid)))
+    assert sorted((t.stage, t.fold) for t in plan.trials) == sorted(
+        (s, f) for s in ("pretrain", "base", "calibrate") for f in (0, 1))
+    # Pretraining of fold 1 holds at its epoch 1 until fold 0's calibration has run: with
+    # stages in waves that could never happen (it would wait out the fake's timeout).
+    fake = FakeStage(hold={"stage": "pretrain", "fold": 1}, release={"stage": "calibrate", "fold": 0},
+                     marker_dir=str(tmp_path))
+    out = io.StringIO()
+    rc = launch(LaunchOptions(grid=str(grid), tracking_uri=mlflow_store, report=False, stage_runner=fake),
+                out=out, err=out)
+    assert rc == 0, out.getvalue()
+    _, trials, _ = _trial_runs(mlflow_store, "calib-tiny")
+    by = {(r.data.tags[schema.STAGE], int(r.data.tags[schema.FOLD])): r for r in trials}
+    assert len(by) == len(trials) == 6 and {r.info.status for r in trials} == {"FINISHED"}
+    held = by[("pretrain", 1)].info
+    for stage in ("base", "calibrate"):  # fold 0's chain ran while fold 1 still pretrained
+        assert by[(stage, 0)].info.start_time < held.end_time, stage
+    assert by[("calibrate", 0)].info.end_time <= held.end_time
+    assert (tmp_path / "released").exists()
+    # Fold 1's own dependants waited for it, and each read its upstream's run.
+    assert by[("base", 1)].info.start_time >= held.end_time
+    assert by[("calibrate", 1)].info.start_time >= by[("base", 1)].info.end_time
+    assert by[("base", 1)].data.tags[schema.UPSTREAM_KEY] == by[("pretrain", 1)].data.tags[schema.TRIAL_KEY]
+    assert "busy " in out.getvalue() and "2 slots" in out.getvalue()
