@@ -293,6 +293,8 @@ def log_trial_lineage(client: MlflowClient, run_id: str, experiment_id: str, tri
         log_trial_datasets(client, run_id, dataset, Path(cache_dir), splits)
     base = None
     external = (trial_config.get("data") or {}).get("kind") == "predictions"
+    if external and trial_config.get("stage") != "calibrate":
+        return None  # the "base model" of imported predictions is the other network: nothing to log
     if trial_config.get("stage") == "calibrate" and upstream_run_id and not external:
         base = fetch_artifacts(client, upstream_run_id, f"{schema.WEIGHTS_DIR}/weights.pt", Path(scratch) / "base")
     model_dir = build_model_dir(Path(scratch) / "model", trial_config, stage_file, base)
