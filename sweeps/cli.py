@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 
 from sweeps.config import DATA_ROOT_ENV, SEARCHES, builtin_grids
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print trials per stage and method, resources and what MLflow already "
                         "holds; start nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --dry-run: expected GPU-hours and wall time per stage (sweeps/estimate.py)")
+    p.add_argument("--gpus", type=_positive_int, default=1,
+                   help="devices the --estimate packs trials on (default 1)")
+    p.add_argument("--throughput", type=Path, default=None, metavar="FILE",
+                   help="--estimate from the JSON line of `bench/unet.py --json` run on the target "
+                        "device (default: measure this machine's CPU now)")
     p.add_argument("--resume", action="store_true",
                    help="run only the trials not FINISHED in the experiment (matched by trial "
                         "key); close runs of a dead launch (ended, or its heartbeat older than "
@@ -98,7 +106,12 @@ def parse_data_roots(values: list[str]) -> dict[str, str]:
 
 
 def options_from_args(args: argparse.Namespace) -> LaunchOptions:
+    if args.estimate and not args.dry_run:
+        parser_error = "--estimate needs --dry-run (an estimate starts nothing)"
+        print(f"error: {parser_error}", file=sys.stderr)
+        raise SystemExit(2)
     return LaunchOptions(grid=args.grid, dry_run=args.dry_run, resume=args.resume,
+                         estimate=args.estimate, gpus=args.gpus, throughput=args.throughput,
                          address=args.address, tracking_uri=args.tracking_uri,
                          experiment=args.experiment, data_roots=parse_data_roots(args.data_root),
                          search=args.search, max_concurrent=args.max_concurrent,

@@ -36,6 +36,9 @@ class LaunchOptions:
 
     grid: str
     dry_run: bool = False
+    estimate: bool = False  # with dry_run: GPU-hours and wall time (sweeps.estimate)
+    gpus: int = 1
+    throughput: Path | None = None
     resume: bool = False
     address: str | None = None
     tracking_uri: str | None = None
@@ -93,7 +96,10 @@ def launch(opts: LaunchOptions, out: TextIO | None = None, err: TextIO | None = 
     experiment = opts.experiment or f"calib-{grid.name}"
     uri = resolve_tracking_uri(opts.tracking_uri)
     if opts.dry_run:
-        return dry_run(plan, uri, experiment, out, err)
+        rc = dry_run(plan, uri, experiment, out, err)
+        if rc == EXIT_OK and opts.estimate:
+            rc = _estimate(plan, opts, out, err)
+        return rc
     address = opts.address or os.environ.get("RAY_ADDRESS") or None
     from sweeps.execute import is_local_address
 
@@ -113,6 +119,17 @@ def _store_guard(uri: str, why: str) -> str:
             "nodes could not record their runs. Run an MLflow server (e.g. `mlflow server "
             "--backend-store-uri postgresql://USER@DBHOST/mlflow --serve-artifacts --host 0.0.0.0 "
             "--port 5000`) and pass its URI: --tracking-uri http://THIS_HOST:5000")
+
+
+def _estimate(plan: Plan, opts: LaunchOptions, out: TextIO, err: TextIO) -> int:
+    from sweeps.estimate import EstimateError, estimate, estimate_text, measure_throughput, read_throughput
+
+    try:
+        tput = read_throughput(opts.throughput, plan) if opts.throughput else measure_throughput(plan)
+    except EstimateError as exc:
+        return _err(str(exc), err)
+    print(estimate_text(estimate(plan, tput, opts.gpus)), file=out, flush=True)
+    return EXIT_OK
 
 
 def dry_run(plan: Plan, uri: str, experiment: str, out: TextIO, err: TextIO) -> int:

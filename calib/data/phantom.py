@@ -53,7 +53,18 @@ from .layouts import (
     get_layout,
     isles_path,
 )
-from .synth import Head, SmoothField, combine, grid_affine, place_lesion, sigmoid, world_coords
+from .anatomy import (
+    SIZE_FACTOR,
+    SIZE_MARGIN,
+    box_around,
+    fit_scale,
+    load_template,
+    pick_site,
+    random_warp,
+    sample_anatomy,
+    brain_region,
+)
+from .synth import LatticeField, Lesion, WaveField, combine, grid_affine, sigmoid, uniform_rotation, world_axes
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +104,34 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path, time_step: float | 
     nib.save(img, str(path))
 
 
-def _noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    return rng.normal(0.0, sigma, size=shape).astype(np.float32)
+def _paste(region_values: np.ndarray, region: tuple[slice, ...], shape: tuple[int, ...], fill, dtype) -> np.ndarray:
+    """A full grid of ``fill`` with ``region_values`` at ``region``."""
+    out = np.full(shape, fill, dtype=dtype)
+    out[region] = region_values
+    return out
+
+
+def _bernoulli(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
+    """One independent Bernoulli(p) draw per voxel: the label contract of the phantoms."""
+    return rng.random(p.shape, dtype=np.float32) < p
 
 
 # ------------------------------------------------------------------------------------ BraTS-like
-# Tissue means per modality (arbitrary MR units): csf, gm, wm, and the tumour compartments.
+# Tissue means per modality (arbitrary MR units, before a subject's gain): csf, gm, wm and the
+# tumour compartments. Relative contrasts as in clinical scans: T1 WM > GM > CSF, T2 the reverse;
+# FLAIR suppresses CSF, GM > WM, oedema brightest; T1ce is T1 with an enhancing ring; the
+# necrotic core is dark on T1/T1ce and bright on T2.
 _BRATS_TISSUE = {
     "flair": {"csf": 90, "gm": 380, "wm": 300, "edema": 720, "ring": 640, "core": 520},
     "t1": {"csf": 160, "gm": 430, "wm": 610, "edema": 420, "ring": 470, "core": 240},
     "t1ce": {"csf": 170, "gm": 450, "wm": 630, "edema": 450, "ring": 1150, "core": 250},
     "t2": {"csf": 950, "gm": 390, "wm": 260, "edema": 820, "ring": 700, "core": 980},
 }
-_BRATS_NOISE = 18.0
+# p* at the tumour boundary: logistic in the distance to it, scale 1 mm (the band where p* runs
+# from 0.1 to 0.9 is 4.4 mm wide, about the disagreement of BraTS raters at a boundary).
+BRATS_EDGE_MM = 1.0
+BRATS_P_MAX = 0.98
+OEDEMA_WM_MM = 3.0  # oedema spreads along white matter: the boundary moves +-1.5 mm with WM
 
 
 def synth_brats(
@@ -116,41 +142,86 @@ def synth_brats(
     # Grid centre of the real files: voxel (X-1)/2, (Y-1)/2, (Z-1)/2 under diag(-1,-1,1), (0,Y-1,0).
     centre = np.array([-(extent[0] - 1) / 2, (extent[1] - 1) / 2, (extent[2] - 1) / 2])
     affine, stored = grid_affine(axcodes, np.ones(3), shape, centre)
-    xyz = world_coords(affine, stored)
-    head = Head(
-        centre=centre + rng.uniform(-0.03, 0.03, 3) * extent,
-        radii=np.array([0.29, 0.35, 0.36]) * extent * rng.uniform(0.92, 1.04, 3),
-        surface=SmoothField(rng, (30.0, 80.0)),
-    )
-    t = head.tissues(xyz)
+    tmpl = load_template()
+    fit = fit_scale(extent, tmpl.extent * SIZE_FACTOR * SIZE_MARGIN)
+    # BraTS volumes are registered to an atlas: the brain is centred and rotated by a few degrees.
+    x0 = centre + rng.uniform(-0.015, 0.015, 3) * extent
+    warp = random_warp(rng, x0, tmpl.centre, fit, (3.0, 3.0, 3.0))
+    region = brain_region(warp, affine, stored, margin_mm=2.0)
+    anat = sample_anatomy(warp, affine, stored, region)
     group = "HGG" if rng.random() < 0.75 else "LGG"
-    lesion = place_lesion(rng, head, (0.3, 0.5), hemisphere)
-    p_true = lesion.probability(xyz, edge_mm=1.0, p_max=0.98) * t["brain"]
-    d = lesion.distance(xyz)
-    whole = rng.random(p_true.shape, dtype=np.float32) < p_true
+
+    # Glioma: supratentorial, centred in the white matter of one hemisphere; whole-tumour radius
+    # 18-32 template mm (about 20-140 mL after scaling, the span of BraTS whole-tumour volumes).
+    radius = rng.uniform(18.0, 32.0)
+    site = pick_site(rng, anat, hemisphere, (12.0, 50.0), min_depth_mm=0.5 * radius, z_min_mm=-25.0)
+    lesion = Lesion(site, radius * np.exp(rng.uniform(-0.2, 0.2, 3)), uniform_rotation(rng),
+                    WaveField(rng, (15.0, 40.0), 4))
+    box = box_around(anat, site, lesion.reach() + 12 * BRATS_EDGE_MM / anat.scale)
+    d = lesion.distance(anat.template_mm[(slice(None), *box)])
+    mm_inside = (1.0 - d) * lesion.mean_radius * anat.scale + OEDEMA_WM_MM * (anat.wm[box] - 0.5)
+    p_box = BRATS_P_MAX * sigmoid(mm_inside / BRATS_EDGE_MM) * anat.brain[box]
+    whole = _bernoulli(rng, p_box)
     # Compartments by depth inside the tumour: necrotic core, enhancing ring (HGG only), oedema.
-    core_w = sigmoid(((0.35 if group == "HGG" else 0.5) - d) / 0.04)
-    ring_w = (sigmoid((0.6 - d) / 0.04) - core_w) if group == "HGG" else np.zeros_like(d)
+    core_w = sigmoid(((0.45 if group == "HGG" else 0.6) - d) / 0.04)
+    ring_w = (sigmoid((0.7 - d) / 0.04) - core_w) if group == "HGG" else np.zeros_like(d)
     edema_w = 1.0 - core_w - ring_w
-    seg = np.zeros(p_true.shape, dtype=np.uint8)
-    seg[whole] = 2
-    seg[whole & (ring_w > 0.5)] = 4
-    seg[whole & (core_w > 0.5)] = 1
-    bias = np.exp(0.08 * SmoothField(rng, (120.0, 300.0))(xyz))
+    seg_box = np.zeros(p_box.shape, dtype=np.uint8)
+    seg_box[whole] = 2
+    seg_box[whole & (ring_w > 0.5)] = 4
+    seg_box[whole & (core_w > 0.5)] = 1
+
+    # Per subject and modality: scanner gain, tissue contrast, a smooth bias field, noise.
+    bias = LatticeField(rng, x0, 0.5 * extent, 60.0 * anat.scale, n_fields=len(BRATS_MODALITIES))
+    bias_fields = bias.on_grid(affine, region)
+    inside = anat.brain > 0
     images = {}
-    for modality in BRATS_MODALITIES:
-        mean = _BRATS_TISSUE[modality]
-        tissue = t["csf"] * mean["csf"] + t["gm"] * mean["gm"] + t["wm"] * mean["wm"]
+    for m, modality in enumerate(BRATS_MODALITIES):
+        mean = {k: v * float(np.exp(rng.normal(0.0, 0.05 if k in ("csf", "gm", "wm") else 0.08)))
+                for k, v in _BRATS_TISSUE[modality].items()}
+        gain = float(np.exp(rng.normal(0.0, 0.25)))
+        signal = anat.csf * mean["csf"] + anat.gm * mean["gm"] + anat.wm * mean["wm"]
         tumour = core_w * mean["core"] + ring_w * mean["ring"] + edema_w * mean["edema"]
-        texture = 1.0 + 0.04 * SmoothField(rng, (4.0, 12.0))(xyz)  # tissue heterogeneity
-        signal = ((1.0 - p_true) * tissue + p_true * tumour) * texture * bias
-        signal = signal + _noise(rng, signal.shape, _BRATS_NOISE)
+        signal[box] = (1.0 - p_box) * signal[box] + p_box * tumour
+        signal *= gain * np.exp(rng.uniform(0.04, 0.12) * bias_fields[m])
+        signal += rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(
+            rng.uniform(0.02, 0.045) * mean["wm"] * gain)
         # Skull-stripped like the real data: exactly 0 outside the brain, >= 1 inside.
-        images[modality] = np.where(t["brain"] > 0, np.clip(np.rint(signal), 1, 32000), 0).astype(np.int16)
-    return PhantomSubject(subject_id, affine, images, seg, p_true.astype(np.float32), group=group)
+        values = np.where(inside, np.clip(np.rint(signal), 1, 32000), 0).astype(np.int16)
+        images[modality] = _paste(values, region, stored, 0, np.int16)
+    p_true = np.zeros(stored, dtype=np.float32)
+    seg = np.zeros(stored, dtype=np.uint8)
+    p_true[region][box] = p_box
+    seg[region][box] = seg_box
+    return PhantomSubject(subject_id, affine, images, seg, p_true, group=group)
 
 
 # ------------------------------------------------------------------------------------ ISLES-like
+ISLES_EDGE_MM = 2.0  # twice the BraTS boundary: the DWI-drawn label is uncertain on a CT slab
+ISLES_P_MAX = 0.9  # even the infarct's centre is not surely labelled (CT vs later DWI)
+HEAD_SHELL_MM = 15.0  # CSF gap, skull and scalp around the brain (template mm)
+
+
+def _head_ct(rng: np.random.Generator, anat, warp, affine, fov: np.ndarray, p_true: np.ndarray) -> np.ndarray:
+    """CT (HU) of the slab: brain tissue, a thin CSF gap, skull with diploe, scalp, air."""
+    s = anat.sdist  # template mm outside the brain surface
+    thickness = LatticeField(rng, warp.x0, np.array([*fov, 60.0]), 50.0 * anat.scale).on_grid(affine, anat.region)[0]
+    skull_mm = 6.5 * rng.uniform(0.85, 1.15) * (1.0 + 0.15 * thickness)
+    gap = (s >= 0) & (s < 1.5)
+    depth = (s - 1.5) / skull_mm  # 0 at the inner table, 1 at the outer one
+    skull = (depth >= 0) & (depth < 1)
+    scalp = (depth >= 1) & (s < 1.5 + skull_mm + 5.0)
+    # Cortical tables ~1500 HU around a diploe of ~800 HU.
+    bone = 800.0 + 700.0 * (2 * depth - 1) ** 2
+    brain_hu = anat.csf * 8.0 + anat.gm * 37.0 + anat.wm * 27.0 - 5.0 * p_true  # early hypodensity
+    ct = np.where(anat.brain > 0, brain_hu, -1000.0)
+    ct = np.where(gap, 8.0, ct)
+    ct = np.where(skull, bone, ct)
+    ct = np.where(scalp, 30.0, ct)
+    ct = ct + rng.standard_normal(ct.shape, dtype=np.float32) * np.float32(rng.uniform(3.0, 5.0))
+    return np.rint(ct).astype(np.int16)
+
+
 def synth_isles(
     rng: np.random.Generator, subject_id: str, shape: tuple[int, int, int], axcodes: str, hemisphere: str | None
 ) -> PhantomSubject:
@@ -158,57 +229,63 @@ def synth_isles(
     nx, ny, max_slices = shape
     pixel = rng.uniform(0.8, 1.0)
     fov = np.array([nx, ny]) * pixel
-    radii = np.array([0.30 * fov[0], 0.36 * fov[1], 0.30 * fov[0]]) * rng.uniform(0.92, 1.04, 3)
-    head = Head(
-        centre=np.array([*(rng.uniform(-0.02, 0.02, 2) * fov), 0.0]),
-        radii=radii,
-        surface=SmoothField(rng, (30.0, 80.0)),
-    )
+    tmpl = load_template()
+    fit = fit_scale(fov, (tmpl.extent[:2] + 2 * HEAD_SHELL_MM) * SIZE_FACTOR * SIZE_MARGIN)
     thickness = rng.uniform(4.0, 8.0)
-    n_max = max(2, min(max_slices, int(1.6 * radii[2] / thickness)))
+    # A perfusion slab covers at most ~60 % of the brain's height, around the basal ganglia.
+    height = tmpl.extent[2] * SIZE_FACTOR * fit
+    n_max = max(2, min(max_slices, int(0.6 * height / thickness)))
     n_slices = int(rng.integers(2, n_max + 1))
-    slab_z = head.centre[2] + rng.uniform(-0.25, 0.25) * radii[2]
-    affine, stored = grid_affine(
-        axcodes, np.array([pixel, pixel, thickness]), (nx, ny, n_slices), np.array([0.0, 0.0, slab_z])
-    )
-    xyz = world_coords(affine, stored)
-    t = head.tissues(xyz)
-    half = 0.35 * n_slices * thickness
-    lesions = [
-        place_lesion(rng, head, (0.15, 0.35), hemisphere, z_range=(slab_z - half, slab_z + half),
-                     min_radius_mm=0.6 * thickness)
-        for _ in range(int(rng.integers(1, 3)))
-    ]
-    brain = t["brain"]
-    p_true = combine([les.probability(xyz, edge_mm=2.0, p_max=0.9) for les in lesions]) * brain
+    half = 0.5 * n_slices * thickness / (SIZE_FACTOR * fit)  # template mm
+    lo, hi = max(-5.0, -35.0 + half), min(35.0, 70.0 - half)
+    z_level = rng.uniform(lo, hi) if lo < hi else 15.0
+    affine, stored = grid_affine(axcodes, np.array([pixel, pixel, thickness]), (nx, ny, n_slices), np.zeros(3))
+    x0 = np.array([*(rng.uniform(-0.02, 0.02, 2) * fov), 0.0])
+    p0 = np.array([tmpl.centre[0], tmpl.centre[1], z_level])
+    # Heads lie in the gantry with their own pitch: the scan plane is tilted by up to 10 degrees.
+    warp = random_warp(rng, x0, p0, fit, (10.0, 3.0, 3.0))
+    anat = sample_anatomy(warp, affine, stored)
+    brain = anat.brain
+
+    # Infarcts (1 or 2): in the lateral (middle cerebral artery) territory, 8-22 template mm
+    # radius, at least 0.6 slice thick, centred away from the slab's first and last slice.
+    allowed = np.ones(stored, dtype=bool)
+    if n_slices >= 3:
+        slab_axis = world_axes(affine).index(2)
+        edge = [slice(None)] * 3
+        for k in (0, n_slices - 1):
+            edge[slab_axis] = k
+            allowed[tuple(edge)] = False
+    lesions = []
+    for _ in range(int(rng.integers(1, 3))):
+        radius = max(rng.uniform(8.0, 22.0), 0.6 * thickness / anat.scale)
+        site = pick_site(rng, anat, hemisphere, (15.0, 60.0), min_depth_mm=5.0, allowed=allowed)
+        lesions.append(Lesion(site, radius * np.exp(rng.uniform(-0.2, 0.2, 3)), uniform_rotation(rng),
+                              WaveField(rng, (15.0, 40.0), 4)))
+    xyz = anat.template_mm
+    dists = [les.distance(xyz) for les in lesions]
+    p_true = combine([ISLES_P_MAX * sigmoid((1.0 - d) * les.mean_radius * anat.scale / ISLES_EDGE_MM)
+                      for d, les in zip(dists, lesions)]) * brain
     # Hypoperfusion (Tmax, MTT, CBF) reaches beyond the infarct core, as in acute stroke.
-    p_wide = combine([les.probability(xyz, edge_mm=3.0, p_max=1.0, scale=1.5) for les in lesions]) * brain
-    ot = (rng.random(p_true.shape, dtype=np.float32) < p_true).astype(np.uint8)
+    p_wide = combine([sigmoid((1.5 - d) * les.mean_radius * anat.scale / 3.0)
+                      for d, les in zip(dists, lesions)]) * brain
+    ot = _bernoulli(rng, p_true).astype(np.uint8)
+    ct = _head_ct(rng, anat, warp, affine, fov, p_true)
 
-    rho = t["rho"]
-    skull = ((rho >= 1.02) & (rho < 1.12)).astype(np.float32)
-    scalp = ((rho >= 1.12) & (rho < 1.17)).astype(np.float32)
-    gap = ((rho >= 1.0) & (rho < 1.02)).astype(np.float32)  # CSF between brain and skull
-    air = 1.0 - brain - skull - scalp - gap
-    bone = 1000.0 + 150.0 * SmoothField(rng, (10.0, 40.0))(xyz)
-    brain_hu = t["csf"] * 8.0 + t["gm"] * 36.0 + t["wm"] * 27.0 - 5.0 * p_true
-    ct = air * -1000.0 + skull * bone + scalp * 30.0 + gap * 8.0 + brain_hu + _noise(rng, rho.shape, 4.0)
-    ct = np.rint(ct).astype(np.int16)
-
-    regional = 1.0 + 0.15 * SmoothField(rng, (40.0, 120.0))(xyz)
-    cbf = (t["wm"] * 25 + t["gm"] * 55 + t["csf"] * 8) * regional * (1 - 0.45 * p_true) * (1 - 0.15 * p_wide)
-    cbv = (t["wm"] * 2.2 + t["gm"] * 4.0 + t["csf"] * 0.8) * regional * (1 - 0.35 * p_true)
-    mtt = t["wm"] * 4.6 + t["gm"] * 4.0 + t["csf"] * 6.0 + 2.5 * p_wide
-    tmax = t["wm"] * 1.2 + t["gm"] * 0.9 + t["csf"] * 2.5 + 3.0 * p_wide + 1.0 * p_true
-    maps = {
-        "CT_CBF": cbf + _noise(rng, rho.shape, 9.0),
-        "CT_CBV": cbv + _noise(rng, rho.shape, 0.8),
-        "CT_MTT": mtt + _noise(rng, rho.shape, 1.2),
-        "CT_Tmax": tmax + _noise(rng, rho.shape, 1.8),
-    }
+    t = anat
+    severity = rng.uniform(0.7, 1.2)  # how deep this stroke's perfusion deficit is
+    regional = 1.0 + 0.15 * LatticeField(rng, x0, np.array([*fov, 60.0]), 40.0 * anat.scale).on_grid(affine, anat.region)[0]
+    pw, pc = severity * p_wide, severity * p_true
+    cbf = (t.wm * 22 + t.gm * 55 + t.csf * 8) * regional * (1 - 0.45 * pc) * (1 - 0.15 * pw)
+    cbv = (t.wm * 2.2 + t.gm * 4.0 + t.csf * 0.8) * regional * (1 - 0.35 * pc)
+    mtt = t.wm * 4.6 + t.gm * 4.0 + t.csf * 6.0 + 2.5 * pw
+    tmax = t.wm * 1.2 + t.gm * 0.9 + t.csf * 2.5 + 4.5 * pw + 1.0 * pc
+    maps = {"CT_CBF": (cbf, 9.0), "CT_CBV": (cbv, 0.8), "CT_MTT": (mtt, 1.2), "CT_Tmax": (tmax, 1.8)}
     images = {"CT": ct}
     for kind in ISLES_CHANNELS[1:]:
-        images[kind] = (np.clip(maps[kind], 0.0, None) * (brain > 0)).astype(np.float32)
+        value, noise = maps[kind]
+        value = value + rng.standard_normal(value.shape, dtype=np.float32) * np.float32(noise)
+        images[kind] = (np.clip(value, 0.0, None) * (brain > 0)).astype(np.float32)
 
     # 4D series: contrast bolus (gamma variate) arriving later where Tmax is long.
     times = np.arange(ISLES_FRAMES, dtype=np.float32) * 2.0
@@ -220,7 +297,6 @@ def synth_isles(
     return PhantomSubject(
         subject_id, affine, images, ot, p_true.astype(np.float32), extra={ISLES_4D: pwi}, zooms_extra=(2.0,)
     )
-
 
 # ---------------------------------------------------------------------------------------- writer
 def _write_brats(subject: PhantomSubject, root: Path) -> None:

@@ -40,14 +40,16 @@ import numpy as np
 from tqdm import tqdm
 
 from . import atomic
-from .cache import cache_dir_for, cache_key, is_complete, source_fingerprint
+from .cache import cache_dir_for, cache_key, is_complete, source_fingerprint, write_subject
 from .check import check_subject
 from .errors import EMPTY_MASK, DataError, Problem, error_from_problems
 from .layouts import SubjectFiles, discover, get_layout
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: subjects are written uncompressed so that training memory-maps them (cache.write_subject);
+# the version is part of the cache key, so a format-1 (compressed) folder is never taken for one.
+FORMAT_VERSION = 2
 # Head region of an ISLES CT: the public code of the paper thresholds the CT at -23 HU.
 ISLES_HEAD_THRESHOLD_HU = -23.0
 DEFAULT_SPACING = 2.0
@@ -166,7 +168,7 @@ def process_subject(files: SubjectFiles, config: PreprocessConfig, out_dir: Path
     }
     if with_prob:
         arrays["true_prob"] = np.clip(np.asarray(d["true_prob"][0], dtype=np.float32), 0.0, 1.0)
-    atomic.save_npz(out_dir / f"{sid}.npz", **arrays)
+    write_subject(out_dir / f"{sid}.npz", **arrays)
 
     src = nib.load(str(files.label), mmap=False)
     lesion_src_mm3 = float(np.count_nonzero(np.asanyarray(src.dataobj)) * np.prod(src.header.get_zooms()[:3]))

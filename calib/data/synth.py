@@ -1,9 +1,10 @@
-"""Analytic head, brain and lesion models evaluated at world coordinates (mm, RAS+ as in NIfTI).
+"""Geometry helpers of the phantom generator: grids, smooth random fields, soft lesion shapes.
 
-Every structure is a function of the world position of a voxel centre, never of its array index,
-so one subject can be written on any grid (any axis order, flip, spacing or slab) and the anatomy
-stays where the affine says it is. RAS+ (the NIfTI/nibabel world convention): +x points to the
-patient's Right, +y Anterior, +z Superior; the patient's left hemisphere is at smaller x.
+Every structure is a function of a position in millimetres, never of an array index, so one
+subject can be written on any grid (any axis order, flip, spacing or slab) and the anatomy stays
+where the affine says it is. World coordinates are RAS+ (the NIfTI/nibabel convention): +x points
+to the patient's Right, +y Anterior, +z Superior; the patient's left hemisphere is at smaller x.
+Coordinate arrays are channel first, (3, *shape), so that each axis is one contiguous array.
 
 Labels are random: ``p*`` (the lesion probability) is a smooth map, and each voxel's label is an
 independent Bernoulli(p*) draw, so ``p*`` is the exact probability behind every label.
@@ -11,6 +12,7 @@ independent Bernoulli(p*) draw, so ``p*`` is the exact probability behind every 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,13 +45,66 @@ def grid_affine(
     return affine, (shape[0], shape[1], shape[2])
 
 
-def world_coords(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """World position (mm) of every voxel centre: float32 array (*shape, 3)."""
-    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), -1)
-    return ijk @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+def world_axes(affine: np.ndarray) -> list[int]:
+    """The world axis (0 = x, 1 = y, 2 = z) each stored axis of an axis-aligned grid runs along."""
+    mat = np.asarray(affine, dtype=float)[:3, :3]
+    axes = [int(np.argmax(np.abs(mat[:, a]))) for a in range(3)]
+    if sorted(axes) != [0, 1, 2] or np.count_nonzero(np.abs(mat) > 1e-9) != 3:
+        raise ValueError(f"the grid is not axis-aligned (affine {mat.tolist()})")
+    return axes
 
 
-class SmoothField:
+def axis_coords(affine: np.ndarray, region: tuple[slice, slice, slice]) -> list[np.ndarray]:
+    """World coordinate (mm) of the voxel centres along each stored axis of an axis-aligned grid,
+    restricted to ``region``; the world axis of stored axis ``a`` is ``world_axes(affine)[a]``."""
+    axes = world_axes(affine)
+    return [
+        (affine[w, a] * np.arange(s.start, s.stop) + affine[w, 3]).astype(np.float32)
+        for a, (w, s) in enumerate(zip(axes, region))
+    ]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function, float32, without overflow warnings."""
+    return (0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float32)))).astype(np.float32)
+
+
+class LatticeField:
+    """Smooth random fields in world mm: Gaussian bumps on a regular lattice, i.i.d. N(0, 1) weights.
+
+    ``spacing`` (mm) is both the lattice step and the bumps' standard deviation, so the field
+    varies over a few ``spacing``. The weights of each point are normalised, so every point of the
+    field is N(0, 1). On an axis-aligned grid the field is a product of three small per-axis
+    matrices with the lattice weights (a few matrix products, no per-voxel exponentials).
+    """
+
+    def __init__(self, rng: np.random.Generator, centre: np.ndarray, half_extent: np.ndarray,
+                 spacing: float, n_fields: int = 1):
+        self.spacing = float(spacing)
+        counts = [int(math.ceil(float(h) / self.spacing)) + 1 for h in half_extent]
+        self.nodes = [float(c) + self.spacing * np.arange(-k, k + 1) for c, k in zip(centre, counts)]
+        self.weights = rng.standard_normal((n_fields, *(len(n) for n in self.nodes))).astype(np.float32)
+
+    def _basis(self, coords: np.ndarray, world_axis: int) -> np.ndarray:
+        d = (coords[:, None] - self.nodes[world_axis][None, :]) / self.spacing
+        w = np.exp(-0.5 * d * d)
+        return (w / np.sqrt(np.maximum((w * w).sum(1, keepdims=True), 1e-30))).astype(np.float32)
+
+    def on_grid(self, affine: np.ndarray, region: tuple[slice, slice, slice]) -> np.ndarray:
+        """The fields on the voxels of ``region`` of the grid: float32 (n_fields, *region shape)."""
+        axes = world_axes(affine)
+        b0, b1, b2 = (self._basis(c, w) for c, w in zip(axis_coords(affine, region), axes))
+        weights = self.weights.transpose(0, *(1 + np.array(axes)))  # lattice axes in stored order
+        n, la, lb, lc = weights.shape
+        out = np.empty((n, b0.shape[0], b1.shape[0], b2.shape[0]), dtype=np.float32)
+        for f in range(n):
+            t = (b0 @ weights[f].reshape(la, lb * lc)).reshape(-1, lb, lc)  # (i, b, c)
+            t = np.einsum("ibc,jb->ijc", t, b1, optimize=True)  # (i, j, c)
+            out[f] = (t.reshape(-1, lc) @ b2.T).reshape(out.shape[1:])
+        return out
+
+
+class WaveField:
     """A random smooth field: a sum of plane cosine waves, roughly unit standard deviation."""
 
     def __init__(self, rng: np.random.Generator, wavelength_mm: tuple[float, float], n_waves: int = 6):
@@ -61,101 +116,56 @@ class SmoothField:
         self.scale = np.float32(np.sqrt(2.0 / n_waves))
 
     def __call__(self, xyz: np.ndarray) -> np.ndarray:
-        out = np.zeros(xyz.shape[:-1], dtype=np.float32)
+        """The field at positions ``xyz`` (3, ...) mm."""
+        out = np.zeros(xyz.shape[1:], dtype=np.float32)
         for k, phase in zip(self.k, self.phase):
-            out += np.cos(xyz @ k + phase)
+            out += np.cos(k[0] * xyz[0] + k[1] * xyz[1] + k[2] * xyz[2] + phase)
         return out * self.scale
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Logistic function, float32, without overflow warnings."""
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+def random_rotation(rng: np.random.Generator, max_deg: tuple[float, float, float]) -> np.ndarray:
+    """Rotation about x, then y, then z by angles uniform in +-``max_deg`` (degrees)."""
+    ax, ay, az = np.deg2rad([rng.uniform(-m, m) for m in max_deg])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
 
 
-@dataclass
-class Head:
-    """Brain ellipsoid with a wobbly surface, cortex, two ventricles, optional skull and scalp."""
-
-    centre: np.ndarray  # mm
-    radii: np.ndarray  # brain semi-axes along x, y, z (mm)
-    surface: SmoothField
-
-    def rho(self, xyz: np.ndarray) -> np.ndarray:
-        """Normalised radius: < 1 inside the brain, 1 on its (irregular) surface."""
-        r = np.linalg.norm((xyz - self.centre.astype(np.float32)) / self.radii.astype(np.float32), axis=-1)
-        return r * (1.0 + 0.04 * self.surface(xyz))
-
-    def tissues(self, xyz: np.ndarray) -> dict[str, np.ndarray]:
-        """Fractions of csf, gm, wm in each voxel (summing to ``brain``) and the brain indicator."""
-        rho = self.rho(xyz)
-        brain = (rho < 1.0).astype(np.float32)
-        c = self.centre.astype(np.float32)
-        r = self.radii.astype(np.float32)
-        ventricles = np.zeros(rho.shape, dtype=np.float32)
-        for side in (-1.0, 1.0):  # two lateral ventricles either side of the midline
-            vc = c + np.array([side * 0.13, 0.05, 0.12], dtype=np.float32) * r
-            vr = np.array([0.09, 0.32, 0.16], dtype=np.float32) * r
-            dv = np.linalg.norm((xyz - vc) / vr, axis=-1)
-            ventricles = np.maximum(ventricles, sigmoid((1.0 - dv) * 8.0))
-        cortex = sigmoid((rho - 0.84) * 60.0)  # the outer ~15 % of the brain is grey matter
-        csf = brain * np.maximum(ventricles, sigmoid((rho - 0.97) * 150.0) * 0.6)
-        gm = brain * (1.0 - csf) * cortex
-        wm = brain - csf - gm
-        return {"brain": brain, "csf": csf, "gm": gm, "wm": wm, "rho": rho}
+def uniform_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A rotation drawn uniformly (Haar) from SO(3)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
 
 
 @dataclass
 class Lesion:
-    """An irregular ellipsoidal blob; ``distance`` is < 1 inside, 1 on its boundary."""
+    """An irregular ellipsoidal blob in template mm; ``distance`` is < 1 inside, 1 on its boundary."""
 
-    centre: np.ndarray
-    radii: np.ndarray
-    rotation: np.ndarray  # 3x3
-    wobble: SmoothField
+    centre: np.ndarray  # mm
+    radii: np.ndarray  # semi-axes (mm)
+    rotation: np.ndarray  # 3x3, columns = the blob's axes
+    wobble: WaveField  # irregular outline: +-12 % of the radius
+
+    @property
+    def mean_radius(self) -> float:
+        return float(np.mean(self.radii))
+
+    def reach(self, scale: float = 1.0) -> float:
+        """Radius (mm) of a ball around ``centre`` outside which ``distance`` > ``scale``."""
+        wobble_max = float(self.wobble.scale) * len(self.wobble.k)  # |sum of cosines| bound
+        return scale * float(np.max(self.radii)) / max(1.0 - 0.12 * wobble_max, 0.3)
 
     def distance(self, xyz: np.ndarray) -> np.ndarray:
-        local = (xyz - self.centre.astype(np.float32)) @ self.rotation.astype(np.float32)
-        d = np.linalg.norm(local / self.radii.astype(np.float32), axis=-1)
-        return d * (1.0 + 0.12 * self.wobble(xyz))
-
-    def probability(self, xyz: np.ndarray, edge_mm: float, p_max: float, scale: float = 1.0) -> np.ndarray:
-        """Soft lesion map: ``p_max`` inside, falling to 0 over about ``edge_mm`` at the boundary.
-
-        ``scale`` > 1 grows the blob (e.g. the hypoperfused region around a stroke core).
-        """
-        # (scale - d) * radius is roughly the distance to the boundary in mm (positive inside).
-        mm_inside = (scale - self.distance(xyz)) * float(np.mean(self.radii))
-        return p_max * sigmoid(mm_inside / edge_mm)
-
-
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    return q * np.sign(np.diag(r))
-
-
-def place_lesion(
-    rng: np.random.Generator,
-    head: Head,
-    radius_frac: tuple[float, float],
-    hemisphere: str | None,
-    z_range: tuple[float, float] | None = None,
-    min_radius_mm: float = 0.0,
-) -> Lesion:
-    """A lesion inside the brain, in the given hemisphere ('left' = smaller world x) or either.
-
-    ``radius_frac`` scales the mean brain radius; ``z_range`` (mm) confines the centre, e.g. to an
-    ISLES slab.
-    """
-    mean_r = float(np.mean(head.radii))
-    radii = np.maximum(rng.uniform(*radius_frac) * mean_r * rng.uniform(0.75, 1.25, size=3), min_radius_mm)
-    side = {"left": -1.0, "right": 1.0}.get(hemisphere or "", float(rng.choice([-1.0, 1.0])))
-    offset = np.array(
-        [side * rng.uniform(0.25, 0.5), rng.uniform(-0.4, 0.4), rng.uniform(-0.3, 0.3)]
-    ) * head.radii
-    centre = head.centre + offset
-    if z_range is not None:
-        centre[2] = rng.uniform(*z_range)
-    return Lesion(centre, radii, random_rotation(rng), SmoothField(rng, (15.0, 40.0), 4))
+        """Normalised ellipsoidal distance at positions ``xyz`` (3, ...) mm."""
+        rel = [xyz[i] - np.float32(self.centre[i]) for i in range(3)]
+        d2 = np.zeros(xyz.shape[1:], dtype=np.float32)
+        for j in range(3):  # coordinate along the blob's axis j, in units of its radius
+            r = self.rotation[:, j] / self.radii[j]
+            local = rel[0] * np.float32(r[0]) + rel[1] * np.float32(r[1]) + rel[2] * np.float32(r[2])
+            d2 += local * local
+        return np.sqrt(d2) * (1.0 + 0.12 * self.wobble(xyz))
 
 
 def combine(probabilities: list[np.ndarray]) -> np.ndarray:

@@ -86,7 +86,7 @@ def _difficulty(dataset, root):
 
 def test_labels_are_drawn_from_true_prob(tmp_path):
     root = tmp_path / "b"
-    write_phantoms("brats18", root, 2, seed=3, shape=(48, 48, 32))
+    write_phantoms("brats18", root, 2, seed=3, shape=(96, 96, 64))
     p_all, y_all = [], []
     for s in discover("brats18", root).subjects:
         p, y = _data(s.true_prob), _data(s.label) > 0
