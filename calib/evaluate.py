@@ -12,7 +12,9 @@ from calib import metrics
 
 #: Columns of per_subject.csv, in order (true_ce only when the subject has a true probability).
 PER_SUBJECT_COLUMNS = ("subject_id", "fold", "dice", "ece", "brier", "nll", "mce", "boundary_ece",
-                       "true_ce")
+                       "adaptive_ece", "classwise_ece", "ueo", "error_auroc", "true_ce")
+#: The per-subject metric columns (every column but the keys), for summaries such as ``<col>_mean``.
+METRIC_COLUMNS = PER_SUBJECT_COLUMNS[2:]
 BIN_COLUMNS = ("subject_id", "bin", "count", "conf_sum", "pos_sum")
 
 
@@ -27,10 +29,14 @@ def evaluate_subject(prob: np.ndarray, label: np.ndarray, mask: np.ndarray,
         n_bins: ECE / reliability bins (20 in the paper).
 
     Returns:
-        ``row``: ``dice`` (threshold 0.5), ``ece``, ``brier``, ``nll``, ``mce``, ``boundary_ece``
-        (fractions, not %), and ``true_ce`` = mean |prob - true_prob| in the mask when
-        ``true_prob`` is given; ``bins``: DataFrame ``bin, count, conf_sum, pos_sum`` (n_bins rows;
-        these add across subjects, see :func:`calib.metrics.ece_from_bins`).
+        ``row``: ``dice`` (threshold 0.5), ``ece``, ``brier``, ``nll``, ``mce``, ``boundary_ece``,
+        ``adaptive_ece`` (equal-mass bins), ``classwise_ece`` (both classes), ``ueo``
+        (uncertainty-error overlap: Dice of normalised entropy > 0.5 against the errors),
+        ``error_auroc`` (errors detected by min(p, 1 - p); NaN without errors) -- fractions, not
+        % -- and ``true_ce`` = mean |prob - true_prob| in the mask when ``true_prob`` is given
+        (:mod:`calib.metrics` documents each); ``bins``: DataFrame ``bin, count, conf_sum,
+        pos_sum`` (n_bins rows; these add across subjects, see
+        :func:`calib.metrics.ece_from_bins`).
     """
     prob = np.asarray(prob, dtype=np.float32)
     label = np.asarray(label)
@@ -47,12 +53,16 @@ def evaluate_subject(prob: np.ndarray, label: np.ndarray, mask: np.ndarray,
         "nll": float(metrics.nll(prob, label, mask)),
         "mce": metrics.mce_from_bins(count, conf_sum, pos_sum),
         "boundary_ece": float(metrics.boundary_ece(prob, label, mask, n_bins=n_bins)),
+        "adaptive_ece": metrics.adaptive_ece(prob, label, mask, n_bins=n_bins),
+        "classwise_ece": metrics.classwise_ece(prob, label, mask, n_bins=n_bins),
+        "ueo": metrics.uncertainty_error_overlap(prob, label, mask),
+        "error_auroc": metrics.error_detection_auroc(prob, label, mask),
     }
     if true_prob is not None:
         true_prob = np.asarray(true_prob, dtype=np.float32)
         if true_prob.shape != prob.shape:
             raise ValueError(f"true_prob {true_prob.shape} does not match prob {prob.shape}")
-        row["true_ce"] = float(np.abs(prob[mask] - true_prob[mask]).mean()) if mask.any() else float("nan")
+        row["true_ce"] = metrics.true_ce(prob, true_prob, mask)
     bins = pd.DataFrame({"bin": np.arange(n_bins), "count": np.asarray(count),
                          "conf_sum": np.asarray(conf_sum, dtype=np.float64),
                          "pos_sum": np.asarray(pos_sum, dtype=np.float64)})

@@ -14,6 +14,9 @@ BASE_WEIGHTS = ("CE", "CE-SD", "SD")
 EXTERNAL_WEIGHTS = "external"
 #: Kernel sizes of the auxiliary conv the paper tried (k = 1 is Platt scaling).
 AUX_KERNELS = (1, 5, 7, 9, 11)
+#: Flip sets of test-time augmentation: the identity and one flip per spatial axis (4 passes), or
+#: every subset of the three axes (8 passes).
+FLIP_SETS = ("single", "all")
 
 
 class MethodError(ValueError):
@@ -55,6 +58,10 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dropout_rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                      and 0 < v < 1, "a number in (0, 1)"),
     "loss": (_one_of(("ce", "sd")), "'ce' (cross-entropy) or 'sd' (soft Dice)"),
+    "hidden": (_int_at_least(1), "an integer >= 1"),
+    "n_bins": (_int_at_least(2), "an integer >= 2"),
+    "max_voxels": (_int_at_least(1000), "an integer >= 1000"),
+    "flips": (_one_of(FLIP_SETS), f"one of {FLIP_SETS}"),
 }
 
 #: Keys of the optimisation schedule, shared by every trained method (calib.training.TrainConfig).

@@ -8,17 +8,27 @@ from typing import Any
 
 from calib.methods.auxiliary import AuxiliaryConv
 from calib.methods.base import CalibrationMethod, read_saved
+from calib.methods.beta import BetaCalibration
 from calib.methods.finetune import FINETUNE_LR, FineTuneLastLayer
+from calib.methods.lts import LocalTemperatureScaling
 from calib.methods.mc_dropout import MCCenter, MCDecoder
+from calib.methods.nonparametric import HistogramBinning, IsotonicCalibration
 from calib.methods.params import MethodError, check_weights, closest
 from calib.methods.platt import PlattScaling
 from calib.methods.temperature import TemperatureScaling
+from calib.methods.tta import TestTimeFlips
 
+#: The paper's five methods first, then those beyond the paper.
+PAPER_METHODS: tuple[type[CalibrationMethod], ...] = (
+    PlattScaling, AuxiliaryConv, FineTuneLastLayer, MCDecoder, MCCenter)
+BEYOND_PAPER_METHODS: tuple[type[CalibrationMethod], ...] = (
+    TemperatureScaling, LocalTemperatureScaling, HistogramBinning, IsotonicCalibration,
+    BetaCalibration, TestTimeFlips)
 METHODS: dict[str, type[CalibrationMethod]] = {
-    cls.name: cls for cls in (PlattScaling, AuxiliaryConv, FineTuneLastLayer, MCDecoder, MCCenter,
-                              TemperatureScaling)
+    cls.name: cls for cls in (*PAPER_METHODS, *BEYOND_PAPER_METHODS)
 }
-#: Every method name, in the paper's order, temperature scaling (our addition) last.
+#: Every method name: the paper's order, then temperature scaling, local temperature scaling,
+#: histogram binning, isotonic regression, beta calibration and test-time flips (our additions).
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 
 
@@ -41,11 +51,17 @@ def method_has_lr(name: str) -> bool:
 
 
 def default_lr(name: str, weights: str = "CE") -> float:
-    """The initial learning rate ``name`` uses for base ``weights`` when none is given."""
+    """The initial learning rate ``name`` uses for base ``weights`` when none is given.
+
+    Raises MethodError for the methods that do not train by gradient steps (histogram binning,
+    isotonic regression, test-time flips).
+    """
     cls = get_method(name)
     check_weights(name, weights)
     if cls is FineTuneLastLayer:
         return FINETUNE_LR[weights]
+    if "lr" not in cls.DEFAULTS:
+        raise MethodError(f"method {name!r} has no learning rate (it is not trained by gradient steps)")
     return float(cls.DEFAULTS["lr"])
 
 

@@ -12,8 +12,20 @@ Conventions (the paper's public code, AxelJanRousseau/PostTrainCalibration ``my_
   (``sum_k (n_k/N) |acc_k - conf_k|``). Bin membership is exact for float32 input (see
   :mod:`calib.metrics.binning`). A fraction; the paper's tables show %.
 * ``dice``: prediction ``p > 0.5``; empty prediction and empty label -> 1.0.
-* Empty mask: ``ece``, ``mce``, ``top_label_ece``, ``brier``, ``nll``, ``boundary_ece`` -> NaN;
-  ``dice`` -> 1.0 (nothing predicted, nothing to find).
+* Empty mask: ``ece``, ``mce``, ``top_label_ece``, ``classwise_ece``, ``adaptive_ece``, ``brier``,
+  ``nll``, ``boundary_ece``, ``true_ce``, ``error_detection_auroc`` -> NaN; ``dice`` and
+  ``uncertainty_error_overlap`` -> 1.0 (nothing predicted, nothing to find).
+
+Beyond the paper:
+
+* ``adaptive_ece``: equal-mass bins (:mod:`calib.metrics.adaptive`); ``classwise_ece``: mean of the
+  foreground and background ECE (Kull et al. 2019).
+* ``uncertainty_error_overlap`` (Jungo et al. 2020): Dice between the normalised entropy
+  ``H(p)/ln 2 > 0.5`` and the error map ``(p > 0.5) != label``; ``error_detection_auroc``: AUROC of
+  the error voxels scored by ``min(p, 1 - p)`` (:mod:`calib.metrics.uncertainty`). Both take
+  another uncertainty map (e.g. a standard deviation over MC or flip samples) as ``uncertainty``.
+* ``true_ce(probs, true_probs, mask)``: ``mean |p - p*|`` against the known probability of a
+  phantom.
 
 How other libraries differ (read from torchmetrics 1.9.0 and MONAI 1.6.1 sources):
 
@@ -33,7 +45,9 @@ How other libraries differ (read from torchmetrics 1.9.0 and MONAI 1.6.1 sources
 """
 
 from calib.metrics._inputs import MetricInputError
+from calib.metrics.adaptive import adaptive_bins, adaptive_ece
 from calib.metrics.binning import (
+    classwise_ece,
     ece,
     ece_from_bins,
     mce,
@@ -42,20 +56,34 @@ from calib.metrics.binning import (
     top_label_ece,
 )
 from calib.metrics.boundary import boundary_band, boundary_ece
-from calib.metrics.scores import NLL_EPS, brier, dice, nll
+from calib.metrics.scores import NLL_EPS, brier, dice, nll, true_ce
+from calib.metrics.uncertainty import (
+    UEO_THRESHOLD,
+    error_detection_auroc,
+    normalised_entropy,
+    uncertainty_error_overlap,
+)
 
 __all__ = [
     "MetricInputError",
     "NLL_EPS",
+    "UEO_THRESHOLD",
+    "adaptive_bins",
+    "adaptive_ece",
     "boundary_band",
     "boundary_ece",
     "brier",
+    "classwise_ece",
     "dice",
     "ece",
     "ece_from_bins",
+    "error_detection_auroc",
     "mce",
     "mce_from_bins",
     "nll",
+    "normalised_entropy",
     "reliability_bins",
     "top_label_ece",
+    "true_ce",
+    "uncertainty_error_overlap",
 ]

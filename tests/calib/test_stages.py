@@ -22,7 +22,8 @@ from calib.training import TrainConfig
 CPU = torch.device("cpu")
 NET = UNetConfig.tiny(4, levels=3, base=2)
 TRAIN = TrainConfig(lr=3e-3, max_epochs=2, batch_size=2)
-PER_SUBJECT = ["subject_id", "fold", "dice", "ece", "brier", "nll", "mce", "boundary_ece", "true_ce"]
+PER_SUBJECT = ["subject_id", "fold", "dice", "ece", "brier", "nll", "mce", "boundary_ece",
+               "adaptive_ece", "classwise_ece", "ueo", "error_auroc", "true_ce"]
 BINS = ["subject_id", "bin", "count", "conf_sum", "pos_sum"]
 
 

@@ -34,7 +34,9 @@ def test_paper_grid_reads_the_papers_axes():
     assert [d.name for d in grid.datasets] == ["brats18", "isles18"]
     assert grid.weights == ("CE", "CE-SD", "SD") and grid.folds.n_folds == 5
     methods = {m.name: m for m in grid.methods}
-    assert list(methods) == ["platt", "auxiliary", "finetune", "mc_decoder", "mc_center"]
+    # the paper's five first, then the methods beyond the paper
+    assert list(methods) == ["platt", "auxiliary", "finetune", "mc_decoder", "mc_center",
+                             "temperature", "lts", "beta", "histogram_binning", "isotonic", "tta"]
     assert methods["mc_center"].lrs == (1e-3, 1e-4, 1e-5)
     assert dict(methods["finetune"].lr_by_weights) == {"CE": 1e-4, "CE-SD": 1e-3, "SD": 1e-3}
     assert methods["auxiliary"].params["k"] == 5
@@ -125,12 +127,13 @@ def test_paper_dry_run_counts_without_data_or_ray(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "10 pretrain + 30 base + 270 calibrate = 310 trials" in out
+    assert "10 pretrain + 30 base + 450 calibrate = 490 trials" in out
     rows = {line.split()[1]: line.split() for line in out.splitlines()
             if line.split()[:1] in (["pretrain"], ["base"], ["calibrate"])}
     assert {m: int(r[2]) for m, r in rows.items()} == {
         "pretrain": 10, "base": 30, "platt": 30, "auxiliary": 30, "finetune": 30,
-        "mc_decoder": 90, "mc_center": 90}
+        "mc_decoder": 90, "mc_center": 90, "temperature": 30, "lts": 30, "beta": 30,
+        "histogram_binning": 30, "isotonic": 30, "tta": 30}
     assert "cpu 2, gpu 0.25" in rows["platt"][3] + " " + " ".join(rows["platt"][4:])
     assert "dry run: nothing started" in out
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "calib_store").exists()

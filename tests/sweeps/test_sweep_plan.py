@@ -37,9 +37,12 @@ def _variant(tmp_path: Path, **changes):
 
 def test_paper_counts_and_dependencies(paper):
     counts = Counter(t.stage for t in paper.trials)
-    assert counts == {"pretrain": 10, "base": 30, "calibrate": 270}
+    # the paper's 270 calibrations, then 6 methods beyond the paper x 30 models
+    assert counts == {"pretrain": 10, "base": 30, "calibrate": 270 + 180}
     per_method = Counter(t.method for t in paper.trials if t.stage == "calibrate")
-    assert per_method == {"platt": 30, "auxiliary": 30, "finetune": 30, "mc_decoder": 90, "mc_center": 90}
+    assert per_method == {"platt": 30, "auxiliary": 30, "finetune": 30, "mc_decoder": 90, "mc_center": 90,
+                          "temperature": 30, "lts": 30, "beta": 30, "histogram_binning": 30,
+                          "isotonic": 30, "tta": 30}
     for t in paper.trials:
         up = paper.by_key.get(t.upstream) if t.upstream else None
         if t.stage == "pretrain" or (t.stage == "base" and t.weights == "SD"):
@@ -76,7 +79,7 @@ def test_keys_are_stable_across_processes(paper):
                           env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [t.key for t in paper.trials]
-    assert len(set(proc.stdout.split())) == 310
+    assert len(set(proc.stdout.split())) == 490
 
 
 def test_keys_change_with_results_not_with_execution(paper, tmp_path):
@@ -105,7 +108,7 @@ def test_keys_change_with_results_not_with_execution(paper, tmp_path):
 def test_optuna_keeps_the_budget(tmp_path):
     grid = load_grid("paper", Overrides(search="optuna"), require_data=False, env={})
     plan = expand(grid)
-    assert len(plan.trials) == 310
+    assert len(plan.trials) == 490
     mc = [t for t in plan.trials if t.method.startswith("mc_")]
     assert all(t.search == "optuna" and t.lr is None and t.sample in (0, 1, 2) for t in mc)
     groups = Counter(t.search_group for t in mc)
@@ -121,8 +124,10 @@ def test_plan_searcher_one_sample_per_group_at_a_time():
             and t.stage == "calibrate"]
     searcher = PlanSearcher(wave, 1e-5, 1e-3, seed=0,
                             prior={"brats18/SD/mc_center/fold0": [(1e-4, 0.3)]})
-    fixed = [searcher.suggest(f"f{i}") for i in range(3)]
-    assert [s["spec"]["method"] for s in fixed] == ["platt", "auxiliary", "finetune"]
+    n_fixed = sum(t.search != "optuna" for t in wave)
+    fixed = [searcher.suggest(f"f{i}") for i in range(n_fixed)]
+    assert [s["spec"]["method"] for s in fixed] == ["platt", "auxiliary", "finetune", "temperature",
+                                                    "lts", "beta", "histogram_binning", "isotonic", "tta"]
     a, b = searcher.suggest("a"), searcher.suggest("b")
     assert {a["spec"]["method"], b["spec"]["method"]} == {"mc_decoder", "mc_center"}
     assert searcher.suggest("c") is None  # both searches wait for their sample

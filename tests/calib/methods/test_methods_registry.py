@@ -13,14 +13,16 @@ from calib.methods import (
 
 
 def test_every_method_is_registered_under_its_name():
+    assert METHOD_NAMES[:5] == ("platt", "auxiliary", "finetune", "mc_decoder", "mc_center")
     assert set(METHOD_NAMES) == {"platt", "auxiliary", "finetune", "mc_decoder", "mc_center",
-                                 "temperature"}
+                                 "temperature", "lts", "histogram_binning", "isotonic", "beta", "tta"}
     for name in METHOD_NAMES:
         assert get_method(name).name == name
 
 
 @pytest.mark.parametrize("typo, suggestion", [("plat", "platt"), ("mc_decodr", "mc_decoder"),
-                                              ("temprature", "temperature"), ("fine_tune", "finetune")])
+                                              ("temprature", "temperature"), ("fine_tune", "finetune"),
+                                              ("isotonc", "isotonic"), ("histogram", "histogram_binning")])
 def test_typo_suggests_the_closest_name(typo, suggestion):
     with pytest.raises(MethodError, match=f"did you mean '{suggestion}'"):
         get_method(typo)
@@ -28,7 +30,7 @@ def test_typo_suggests_the_closest_name(typo, suggestion):
 
 def test_unknown_name_lists_the_choices():
     with pytest.raises(MethodError, match="valid choices: platt, auxiliary"):
-        get_method("isotonic")
+        get_method("dirichlet")
 
 
 @pytest.mark.parametrize("name, params, culprit", [
@@ -64,12 +66,16 @@ def test_network_methods_need_a_network_config():
 
 
 def test_lr_axes_and_defaults_follow_the_paper():
-    assert [method_has_lr(n) for n in METHOD_NAMES] == [False, False, False, True, True, False]
+    assert [n for n in METHOD_NAMES if method_has_lr(n)] == ["mc_decoder", "mc_center"]
     assert default_lr("platt") == 5e-3
     assert default_lr("finetune", "CE") == 1e-4
     assert default_lr("finetune", "CE-SD") == default_lr("finetune", "SD") == 1e-3
     with pytest.raises(MethodError, match="did you mean 'platt'"):
         method_has_lr("plat")
+    assert default_lr("lts") == 5e-3
+    for name in ("isotonic", "histogram_binning", "beta", "tta"):
+        with pytest.raises(MethodError, match=f"method '{name}' has no learning rate"):
+            default_lr(name)
 
 
 def test_defaults_are_the_paper_recipe_and_overridable():
