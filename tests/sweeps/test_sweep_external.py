@@ -39,7 +39,8 @@ def _grid(tmp_path: Path, data: Path, **dataset) -> Path:
                                "values": "probability", **dataset}},
         "folds": {"n_folds": 3, "seed": 0},
         "training": {"calibrate": {"max_epochs": 20}},
-        "methods": {"platt": {}, "temperature": {}, "finetune": {"lr": {"CE": 1e-4, "CE-SD": 1e-3, "SD": 1e-3}}},
+        "methods": {"platt": {}, "temperature": {}, "isotonic": {}, "tta": {},
+                    "finetune": {"lr": {"CE": 1e-4, "CE-SD": 1e-3, "SD": 1e-3}}},
         "resources": {"calibrate": {"cpu": 1}},
         "execution": {"max_failures": 1},
     }
@@ -60,7 +61,8 @@ def test_plan_has_an_imported_base_and_only_logit_methods(tmp_path, data):
     ds = grid.dataset("mynet")
     assert ds.kind == "predictions" and ds.predictions.masks == data / "masks"
     plan = expand(grid)
-    assert plan.counts() == {("base", "base"): 3, ("calibrate", "platt"): 3, ("calibrate", "temperature"): 3}
+    assert plan.counts() == {("base", "base"): 3, ("calibrate", "platt"): 3, ("calibrate", "temperature"): 3,
+                             ("calibrate", "isotonic"): 3}  # finetune and tta need a network
     assert {t.weights for t in plan.trials} == {"external"} and not any(t.stage == "pretrain" for t in plan.trials)
     for t in plan.trials:
         assert t.config["data"]["kind"] == "predictions" and t.config["net"] is None
@@ -91,7 +93,7 @@ def test_missing_folders_and_no_logit_method(tmp_path, data):
         load_grid(str(_grid(tmp_path, data, labels=str(tmp_path / "nowhere"))))
     path = _grid(tmp_path, data)
     grid = yaml.safe_load(path.read_text())
-    grid["methods"] = {"finetune": {"lr": {"CE": 1e-4, "CE-SD": 1e-3, "SD": 1e-3}}}
+    grid["methods"] = {"finetune": {"lr": {"CE": 1e-4, "CE-SD": 1e-3, "SD": 1e-3}}, "tta": {}}
     path.write_text(yaml.safe_dump(grid))
     with pytest.raises(GridError, match=r"kind predictions runs only the logit-based methods"):
         load_grid(str(path))
@@ -99,8 +101,8 @@ def test_missing_folders_and_no_logit_method(tmp_path, data):
 
 def test_the_example_grid_parses():
     grid = load_grid(str(REPO / "sweeps" / "grids" / "external-example.yaml"), require_data=False)
-    assert expand(grid).counts() == {("base", "base"): 3, ("calibrate", "platt"): 3,
-                                     ("calibrate", "temperature"): 3, ("calibrate", "auxiliary"): 3}
+    assert expand(grid).counts() == {("base", "base"): 3, **{("calibrate", m): 3 for m in (
+        "platt", "temperature", "auxiliary", "lts", "beta", "histogram_binning", "isotonic")}}
 
 
 @pytest.mark.slow
@@ -116,7 +118,7 @@ def test_launch_calibrates_external_predictions_end_to_end(ray_session, tmp_path
     exp = client.get_experiment_by_name("calib-ext")
     runs = [r for r in client.search_runs([exp.experiment_id], max_results=100)
             if r.data.tags.get(schema.ROLE) == schema.ROLE_TRIAL]
-    assert len(runs) == 9 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 12 and all(r.info.status == "FINISHED" for r in runs)
     for r in runs:
         assert r.data.tags[schema.WEIGHTS] == "external"
         models = r.outputs.model_outputs
@@ -126,7 +128,7 @@ def test_launch_calibrates_external_predictions_end_to_end(ray_session, tmp_path
     results = pd.read_csv(tmp_path / "work" / "report" / "results_long.csv")
     assert set(results["weights"]) == {"external"}
     ece = results.set_index("method")["ece_pct_mean"]
-    assert ece["platt"] < ece["base"] and ece["temperature"] < ece["base"]
+    assert ece["platt"] < ece["base"] and ece["temperature"] < ece["base"] and ece["isotonic"] < ece["base"]
     assert "registered models:/calib-ext-mynet-external@best" in text
 
     # calib.apply --run on one test case of a calibrate trial: its own grid, the trial's prediction
