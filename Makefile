@@ -8,7 +8,7 @@ TOOLS_VENV ?= .venv-tools
 STAMP := $(VENV)/.installed-stamp
 TOOLS_STAMP := $(TOOLS_VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench clean latex smoke-paper
+.PHONY: install demo test test-fast bench clean latex chromium smoke-paper
 
 install: $(STAMP) $(TOOLS_STAMP)
 
@@ -19,6 +19,14 @@ latex:
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends \
 	  texlive-latex-base texlive-latex-recommended >/dev/null; } || \
 	  echo "no pdflatex: the LaTeX compile test will be skipped"
+
+# Headless Chromium + its WebDriver, so the MLflow UI is checked in a real browser
+# (tests/tracking/test_mlflow_ui.py; Debian, as root; elsewhere that test skips and says why).
+chromium:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { command -v apt-get >/dev/null && \
+	  [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends chromium chromium-driver >/dev/null; } || \
+	  echo "no chromium/chromedriver: the MLflow UI browser test will be skipped"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +50,7 @@ smoke-paper: $(STAMP)
 
 # Every tier: unit, slow (end-to-end sweeps on real Ray + MLflow) and integration
 # (mlflow server on PostgreSQL, two-node Ray). CI runs this.
-test: $(STAMP) $(TOOLS_STAMP) latex
+test: $(STAMP) $(TOOLS_STAMP) latex chromium
 	CHECKOV=$(abspath $(TOOLS_VENV))/bin/checkov $(PY) -m pytest -q
 
 # The quick tier for the edit-test loop.

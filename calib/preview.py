@@ -35,8 +35,11 @@ def preview_slice(subject, prob: np.ndarray) -> dict[str, np.ndarray]:
     has one) on :func:`lesion_slice`, plus ``subject_id`` and ``z`` as 0-d arrays."""
     label, mask = subject.label, subject.mask
     z = lesion_slice(label, mask)
+    image = subject.image
+    # another network's imported predictions come without an image (a cache of zero channels)
+    first = image[0, :, :, z] if image.shape[0] else np.zeros(label.shape[:2], np.float32)
     out = {"subject_id": np.asarray(str(subject.subject_id)), "z": np.asarray(z),
-           "image": np.asarray(subject.image[0, :, :, z], dtype=np.float32),
+           "image": np.asarray(first, dtype=np.float32),
            "label": np.asarray(label[:, :, z], dtype=np.uint8),
            "mask": np.asarray(mask[:, :, z], dtype=bool),
            "prob": np.asarray(prob[:, :, z], dtype=np.float32)}

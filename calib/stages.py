@@ -33,6 +33,7 @@ subject ids of each split (``StageResult.splits``, logged as ``splits.json``).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -314,6 +315,43 @@ def run_base(weights: str, net_cfg: UNetConfig, train_cfg: TrainConfig, split: F
     model.cpu()
     stage.extra_artifacts["logits"] = logits
     stage.guard = guard_model(logits, split.val_ids)
+    return stage
+
+
+IMPORTED_NAME = "imported.json"
+
+
+def run_imported(split: FoldSplit, logits_dir: Path, work_dir: Path) -> StageResult:
+    """The "base model" of another network's imported predictions (calib.data.predictions):
+    nothing trains; their own probabilities are scored on the test fold, their BCE on ``val`` is
+    the validation loss, and the guard looks at them as at a trained base model. The stage's file
+    (``imported.json``) records the logit cache they came from."""
+    from calib.losses import bce_loss
+    from calib.methods.base import SubjectSet
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    logits_dir = Path(logits_dir)
+
+    def prob(s):
+        return np.where(s.mask, 1.0 / (1.0 + np.exp(-s.logits.astype(np.float64))), 0.0).astype(np.float32)
+
+    preview: dict = {}
+    per_subject, bins = evaluate_subjects(keep_first_preview(prob, preview),
+                                          split.subjects("test", logits_dir), split.fold)
+    losses = []
+    for s in SubjectSet(split.val_ids, cache_dir=split.cache_dir, logits_dir=logits_dir):
+        z = torch.from_numpy(s.logits)[None, None]
+        losses.append(float(bce_loss(z, torch.from_numpy(s.label.astype(np.float32))[None, None],
+                                     torch.from_numpy(s.mask)[None, None])))
+    record = work_dir / IMPORTED_NAME
+    from calib.logits import read_index
+
+    record.write_text(json.dumps({"logits": str(logits_dir), "index": read_index(logits_dir)}, indent=2, default=str))
+    params = {"protocol": split.protocol, "init": "imported predictions", **split.describe("none")}
+    stage = StageResult(record, per_subject, bins, float(np.mean(losses)), 0, [], {}, params,
+                        split.to_dict(), preview=preview)
+    stage.guard = guard_model(logits_dir, split.val_ids)
     return stage
 
 

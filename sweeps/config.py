@@ -42,6 +42,11 @@ SCHEDULE_KEYS = ("max_epochs", "lr_factor", "lr_patience", "early_stop_patience"
                  "min_rel_improvement")
 #: Base weights of the study (DESIGN.md); SD trains from scratch, the others from the CE pretraining.
 WEIGHTS = ("CE", "CE-SD", "SD")
+#: The weights label of another network's imported predictions (``kind: predictions``); the same
+#: value as calib.methods.params.EXTERNAL_WEIGHTS (not imported: that would load torch here).
+EXTERNAL_WEIGHTS = "external"
+#: ``images``: a BraTS/ISLES dataset the sweep trains U-Nets on; ``predictions``: another network's.
+DATASET_KINDS = ("images", "predictions")
 
 
 class GridError(ValueError):
@@ -88,12 +93,40 @@ class PhantomSpec:
 
 
 @dataclass(frozen=True)
+class PredictionsSpec:
+    """Another network's predictions as a dataset (``kind: predictions``; calib.data.predictions):
+    its folders and how to read them."""
+
+    predictions: Path
+    labels: Path
+    values: str = "probability"
+    masks: Path | None = None
+    mask_threshold: float = 0.0
+    foreground: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": DATASET_KINDS[1], "predictions": str(self.predictions), "labels": str(self.labels),
+                "values": self.values, "masks": None if self.masks is None else str(self.masks),
+                "mask_threshold": self.mask_threshold,
+                "foreground": None if self.foreground is None else list(self.foreground)}
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset of the grid and where its raw data lives (None: not resolved, dry-run only)."""
+    """One dataset of the grid and where its raw data lives (None: not resolved, dry-run only).
+
+    ``predictions``: set for another network's predictions (``root`` is then their folder); such
+    a dataset has no pretrain/base training, only the logit-based methods, weights ``external``.
+    """
 
     name: str
     root: Path | None
     phantom: PhantomSpec | None = None
+    predictions: PredictionsSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        return DATASET_KINDS[1] if self.predictions is not None else DATASET_KINDS[0]
 
 
 @dataclass(frozen=True)
@@ -219,6 +252,10 @@ class GridConfig:
     def method(self, name: str) -> MethodSpec:
         return next(m for m in self.methods if m.name == name)
 
+    def weights_for(self, dataset: str) -> tuple[str, ...]:
+        """The base weights a dataset's trials run with: the grid's, or ``external`` for predictions."""
+        return (EXTERNAL_WEIGHTS,) if self.dataset(dataset).predictions is not None else self.weights
+
     def to_dict(self) -> dict:
         """The resolved grid (defaults filled in, paths absolute) in the grid-file schema: the
         YAML of it loads back into an equal GridConfig."""
@@ -226,6 +263,8 @@ class GridConfig:
             return {"cpu": r.cpu, "gpu": r.gpu}
 
         def phantom(d: DatasetSpec) -> dict:
+            if d.predictions is not None:
+                return d.predictions.to_dict()
             if d.phantom is None:
                 return {}
             ph = d.phantom
@@ -243,7 +282,8 @@ class GridConfig:
             "calib_fraction": self.calib_fraction,
             "work_dir": str(self.work_dir),
             "datasets": {d.name: phantom(d) for d in self.datasets},
-            "data": {"roots": {d.name: None if d.root is None else str(d.root) for d in self.datasets},
+            "data": {"roots": {d.name: None if d.root is None else str(d.root) for d in self.datasets
+                               if d.predictions is None},
                      "cache": str(self.cache_dir)},
             "preprocessing": {"spacing": self.preprocessing.spacing,
                               "shape": list(self.preprocessing.shape),
@@ -350,9 +390,12 @@ def resolved_method_params(method: MethodSpec, weights: str, lr: float | None, d
     """
     from calib.methods import build_method
     from calib.nets import UNetConfig
+    from calib.nets.config import PAPER_DATASETS
     from calib.training import TrainConfig
 
-    net = UNetConfig.tiny(UNetConfig.paper(dataset).in_channels, dataset=dataset, levels=2, base=1)
+    # another network's predictions have no U-Net (only logit-based methods run on them)
+    net = (UNetConfig.tiny(UNetConfig.paper(dataset).in_channels, dataset=dataset, levels=2, base=1)
+           if dataset in PAPER_DATASETS else None)
     sched = TrainConfig(**{"lr": 1e-3, "max_epochs": 1, **schedule, "seed": seed})
     built = build_method(method.name, method_params(method, lr), weights=weights, net_cfg=net,
                          schedule=sched)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sweeps.config import (DATA_ROOT_ENV, NETWORK_PRESETS, NORMALISATIONS, PAPER_FOLDS, PROTOCOLS, SCHEDULE_KEYS, SEARCHES, STAGES,
+from sweeps.config import (DATA_ROOT_ENV, DATASET_KINDS, NETWORK_PRESETS, NORMALISATIONS, PAPER_FOLDS, PROTOCOLS, SCHEDULE_KEYS, SEARCHES, STAGES,
                            TRAIN_KEYS, WEIGHTS, DatasetSpec, Execution, Folds, GridConfig, GridError,
                            MethodSpec, Network, Overrides, PhantomSpec, Preprocessing, Resources,
-                           Search, closest, frozen_map, resolved_method_params)
+                           PredictionsSpec, Search, closest, frozen_map, resolved_method_params)
 
 _TOP_KEYS = ("name", "seed", "protocol", "val_fraction", "calib_fraction", "work_dir", "datasets", "data",
              "preprocessing", "folds", "network", "weights", "training", "methods", "search",
@@ -104,14 +105,15 @@ class GridParser:
 
         from calib.data import SUPPORTED_DATASETS  # the data room owns the list
 
-        ds_names, phantoms = self.dataset_names(top.get("datasets"), SUPPORTED_DATASETS)
+        ds_names, phantoms, external = self.dataset_names(top.get("datasets"), SUPPORTED_DATASETS)
         data = self.section(top.get("data"), "data", ("root", "roots", "cache"))
-        self.section(data.get("roots"), "data.roots", ds_names)
+        self.section(data.get("roots"), "data.roots", [n for n in ds_names if n not in external])
         for k in self.ov.data_roots:
             if k != "*" and k not in ds_names:
                 raise GridError(f"--data-root {k}=...: dataset {k!r} is not in grid {self.path.name}"
                                 f"{closest(k, ds_names)}; its datasets: {', '.join(ds_names)}")
-        datasets = tuple(DatasetSpec(n, self.data_root(n, data, phantoms.get(n)), phantoms.get(n))
+        datasets = tuple(DatasetSpec(n, external[n].predictions, predictions=external[n]) if n in external
+                         else DatasetSpec(n, self.data_root(n, data, phantoms.get(n)), phantoms.get(n))
                          for n in ds_names)
         cache_dir = self.path_of(data["cache"]) if data.get("cache") else work_dir / "cache"
 
@@ -138,8 +140,10 @@ class GridParser:
 
         network = self.network(top.get("network", "paper"), ds_names, SUPPORTED_DATASETS)
         weights = self.names(top.get("weights", list(WEIGHTS)), "weights", WEIGHTS, "weights")
-        training = self.training(top.get("training"), seed)
-        methods = self.methods(top.get("methods"), weights, datasets[0].name)
+        images = [d.name for d in datasets if d.predictions is None]
+        training = self.training(top.get("training"), seed, unet=bool(images))
+        methods = self.methods(top.get("methods"), weights, images[0] if images else SUPPORTED_DATASETS[0])
+        self.check_external_methods(external, methods)
         search = self.search(top.get("search"), methods)
         execution = self.execution(top.get("execution"), top.get("resources"), methods)
         if self.require_data:
@@ -150,15 +154,26 @@ class GridParser:
                           methods=methods, search=search, execution=execution, work_dir=work_dir,
                           val_fraction=val_fraction, calib_fraction=calib_fraction)
 
-    def dataset_names(self, value: Any, supported: Sequence[str]) -> tuple[tuple[str, ...], dict]:
-        """``datasets: [brats18]`` or ``datasets: {brats18: {phantom: {...}}}``."""
+    def dataset_names(self, value: Any, supported: Sequence[str]) -> tuple[tuple[str, ...], dict, dict]:
+        """``datasets: [brats18]`` or ``datasets: {brats18: {phantom: {...}}, mynet: {kind:
+        predictions, ...}}``: the names, their phantom specs and their predictions specs."""
         if value is None:
-            self.fail("datasets", f"is required; valid choices: {', '.join(supported)}")
+            self.fail("datasets", f"is required; valid choices: {', '.join(supported)} (or any name "
+                      "with kind: predictions)")
         if isinstance(value, Mapping):
-            names = self.names(list(value), "datasets", supported, "dataset")
+            external = {n: self.predictions(n, spec) for n, spec in value.items()
+                        if isinstance(spec, Mapping) and spec.get("kind") == DATASET_KINDS[1]}
+            images = [n for n in value if n not in external]
+            if images:  # every other dataset must be one the sweep knows the layout of
+                self.names(images, "datasets", supported, "dataset")
+            names = tuple(value)  # the grid's order
             phantoms = {}
             for n in names:
-                spec = self.section(value[n], f"datasets.{n}", ("phantom",))
+                if n in external:
+                    continue
+                spec = self.section(value[n], f"datasets.{n}", ("phantom", "kind"))
+                if spec.get("kind") is not None:
+                    self.choice(spec["kind"], f"datasets.{n}.kind", DATASET_KINDS, "dataset kind")
                 if spec.get("phantom") is not None:
                     ph = self.section(spec["phantom"], f"datasets.{n}.phantom", ("subjects", "seed", "shape"))
                     key = f"datasets.{n}.phantom"
@@ -166,8 +181,43 @@ class GridParser:
                         subjects=self.number(ph.get("subjects", 12), f"{key}.subjects", integer=True, minimum=2),
                         seed=self.number(ph.get("seed", 0), f"{key}.seed", integer=True, minimum=0),
                         shape=self.shape(ph["shape"], f"{key}.shape") if ph.get("shape") else None)
-            return names, phantoms
-        return self.names(value, "datasets", supported, "dataset"), {}
+            return names, phantoms, external
+        return self.names(value, "datasets", supported, "dataset"), {}, {}
+
+    def predictions(self, name: Any, value: Mapping) -> PredictionsSpec:
+        """A ``kind: predictions`` dataset (calib.data.predictions); folders are checked with the data."""
+        key = f"datasets.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            self.fail(key, "a predictions dataset needs a name of letters, digits, '_', '.', '-'")
+        spec = self.section(value, key, ("kind", "predictions", "values", "labels", "masks",
+                                         "mask_threshold", "foreground"))
+        for need in ("predictions", "labels"):
+            if not spec.get(need):
+                self.fail(f"{key}.{need}", "is required (a folder of <case>.nii.gz"
+                          + (" maps, or nnU-Net's <case>.npz + <case>.pkl)" if need == "predictions" else " labels)"))
+        fg = spec.get("foreground")
+        if fg is not None:
+            fg = fg if isinstance(fg, Sequence) and not isinstance(fg, str) else [fg]
+            fg = tuple(self.number(c, f"{key}.foreground", integer=True, minimum=1) for c in fg)
+            if not fg:
+                self.fail(f"{key}.foreground", "must list the foreground class labels (>= 1)")
+        return PredictionsSpec(
+            predictions=self.path_of(spec["predictions"]), labels=self.path_of(spec["labels"]),
+            values=self.choice(spec.get("values", "probability"), f"{key}.values", ("probability", "logit"), "values"),
+            masks=self.path_of(spec["masks"]) if spec.get("masks") else None,
+            mask_threshold=self.number(spec.get("mask_threshold", 0.0), f"{key}.mask_threshold"),
+            foreground=fg)
+
+    def check_external_methods(self, external: Mapping[str, PredictionsSpec], methods) -> None:
+        """A predictions dataset runs the logit-based methods only: the grid must list one."""
+        if not external:
+            return
+        from calib.methods import METHOD_NAMES, get_method
+
+        if not any(get_method(m.name).uses == "logits" for m in methods):
+            logit = [n for n in METHOD_NAMES if get_method(n).uses == "logits"]
+            self.fail(f"datasets.{next(iter(external))}", "kind predictions runs only the logit-based "
+                      f"methods ({', '.join(logit)}); the grid's methods list none")
 
     def data_root(self, name: str, data: dict, phantom: PhantomSpec | None) -> Path | None:
         """--data-root DATASET=DIR > --data-root DIR > data.roots > data.root > $CALIB_DATA_ROOT."""
@@ -194,6 +244,12 @@ class GridParser:
         """Every dataset without a phantom spec needs a root that exists (checked last, so that
         a grid mistake is reported before a missing data volume)."""
         for d in datasets:
+            if d.predictions is not None:
+                p = d.predictions
+                for what, folder in (("predictions", p.predictions), ("labels", p.labels), ("masks", p.masks)):
+                    if folder is not None and not folder.is_dir():
+                        raise GridError(f"dataset {d.name!r}: the {what} folder {folder} does not exist")
+                continue
             if d.phantom is not None:
                 continue
             if d.root is None:
@@ -232,7 +288,9 @@ class GridParser:
             base=self.number(net.get("base", 4), "network.base", integer=True, minimum=1),
             weight_decay=frozen_map({d: v for d, v in decay.items() if v}))
 
-    def training(self, value: Any, seed: int) -> Mapping[str, Mapping[str, Any]]:
+    def training(self, value: Any, seed: int, unet: bool = True) -> Mapping[str, Mapping[str, Any]]:
+        """Per-stage schedules; pretrain/base need lr and max_epochs only when a U-Net trains
+        (a grid of another network's predictions has no such stage)."""
         from calib.training import TrainConfig
 
         tr = self.section(value, "training", STAGES)
@@ -249,7 +307,7 @@ class GridParser:
                 else:
                     vals[k] = self.number(v, f"{key}.{k}", integer=True,
                                           minimum=0 if k == "lr_patience" else 1)
-            for need in (("max_epochs",) if stage == "calibrate" else ("lr", "max_epochs")):
+            for need in (("max_epochs",) if stage == "calibrate" else (("lr", "max_epochs") if unet else ())):
                 if need not in vals:
                     self.fail(f"{key}.{need}", "is required")
             try:  # the science's own checks (e.g. lr_factor < 1), reported against the grid key

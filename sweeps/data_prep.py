@@ -62,22 +62,29 @@ def ensure_phantoms(spec: DatasetSpec) -> None:
 
 
 def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) -> PreparedData:
-    """Phantoms (if the grid asks for them), the preprocessed cache, and the folds.
+    """Phantoms (if the grid asks for them), the preprocessed cache -- or, for a predictions
+    dataset, the imported one -- and the folds.
 
     Raises calib.data.DataError (a message naming the file or subject) when the data are unusable.
     """
     from calib.data import make_folds, paper_folds_file, preprocess_dataset, read_folds, read_meta
 
     spec = grid.dataset(dataset)
-    if spec.root is None:
-        raise ValueError(f"dataset {dataset!r} has no data root")
-    if spec.phantom is not None:
-        ensure_phantoms(spec)
-    cache = preprocess_dataset(dataset, spec.root, grid.cache_dir, spacing=grid.preprocessing.spacing,
-                               shape=grid.preprocessing.shape, workers=workers, progress=False,
-                               normalisation=grid.preprocessing.normalisation)
+    if spec.predictions is not None:
+        cache = import_external(grid, dataset)
+    else:
+        if spec.root is None:
+            raise ValueError(f"dataset {dataset!r} has no data root")
+        if spec.phantom is not None:
+            ensure_phantoms(spec)
+        cache = preprocess_dataset(dataset, spec.root, grid.cache_dir, spacing=grid.preprocessing.spacing,
+                                   shape=grid.preprocessing.shape, workers=workers, progress=False,
+                                   normalisation=grid.preprocessing.normalisation)
     subjects = list(read_meta(cache)["subjects"])
     if grid.folds.is_paper:  # the public code's published case lists; other ids: one clear error
+        if spec.predictions is not None:
+            raise ValueError(f"folds of {dataset}: the paper's folds list BraTS/ISLES cases; give a "
+                             "folds file of these cases, or seeded folds")
         folds = read_folds(paper_folds_file(dataset), subjects)
     elif grid.folds.file is not None:
         folds = read_folds(grid.folds.file, subjects)
@@ -89,3 +96,14 @@ def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) 
                          f"missing {missing}")
     return PreparedData(dataset=dataset, cache_dir=str(cache),
                         folds={int(k): list(v) for k, v in folds.items()})
+
+
+
+def import_external(grid: GridConfig, dataset: str) -> Path:
+    """Another network's predictions imported into the caches (calib.data.predictions: checked,
+    put in RAS order, written as a preprocessed + logit cache, keyed by rule and files)."""
+    from calib.data.predictions import PredictionsConfig, import_predictions
+
+    p = grid.dataset(dataset).predictions
+    config = PredictionsConfig.make(p.predictions, p.labels, p.values, p.masks, p.mask_threshold, p.foreground)
+    return import_predictions(config, grid.cache_dir, dataset)

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sweeps.config import GridConfig, Resources, method_params, resolved_method_params
+from sweeps.config import EXTERNAL_WEIGHTS, GridConfig, Resources, method_params, resolved_method_params
 
 KEY_VERSION = 1
 KEY_LENGTH = 20  # hex digits (80 bits): no collision in any realistic experiment, still readable
@@ -162,6 +162,17 @@ def _file_digest(path) -> str:
 
 def _data_payload(grid: GridConfig, dataset: str) -> dict:
     ds = grid.dataset(dataset)
+    if ds.predictions is not None:  # another network's predictions: no preprocessing, a reading rule
+        p = ds.predictions
+        return {
+            "dataset": dataset, "kind": "predictions",
+            "predictions": {"values": p.values, "foreground": None if p.foreground is None else list(p.foreground),
+                            "masks": p.masks is not None, "mask_threshold": p.mask_threshold},
+            "folds": {"n_folds": grid.folds.n_folds, "seed": grid.folds.seed,
+                      "file_sha256": _folds_digest(grid, dataset)},
+            "protocol": grid.protocol, "val_fraction": grid.val_fraction,
+            "calib_fraction": grid.calib_fraction,
+        }
     return {
         "dataset": dataset,
         "phantom": _jsonable(ds.phantom) if ds.phantom else None,
@@ -201,7 +212,8 @@ def expand(grid: GridConfig) -> Plan:
 
     for dataset in grid.datasets:
         ds = dataset.name
-        net = _jsonable(net_config(grid, ds))
+        external = dataset.predictions is not None
+        net = None if external else _jsonable(net_config(grid, ds))
         data = _data_payload(grid, ds)
 
         def make(stage, weights, method, fold, lr, params, upstream, wave, train, resolved_params,
@@ -228,6 +240,9 @@ def expand(grid: GridConfig) -> Plan:
         decay = grid.network.weight_decay_for(ds)
         train = {s: dict(grid.training[s], seed=grid.seed, **({"weight_decay": decay} if decay else {}))
                  for s in grid.training}
+        if external:
+            _expand_external(grid, make, resolved, train)
+            continue
         for fold in grid.folds.run_folds():
             pre = None
             if any(w in ("CE", "CE-SD") for w in grid.weights):
@@ -253,3 +268,19 @@ def expand(grid: GridConfig) -> Plan:
     # Dependency order: by wave, stable within a wave.
     trials.sort(key=lambda t: t.wave)
     return Plan(grid=grid, trials=tuple(trials))
+
+
+def _expand_external(grid: GridConfig, make, resolved, train: dict) -> None:
+    """Another network's predictions, per fold: a ``base`` trial that scores the imported
+    predictions themselves (no training), then every logit-based method of the grid on them."""
+    from calib.methods import get_method
+
+    for fold in grid.folds.run_folds():
+        base = make("base", EXTERNAL_WEIGHTS, "base", fold, None, {}, None, 0, {}, {})
+        for m in grid.methods:
+            if get_method(m.name).uses != "logits":
+                continue  # network-based methods need the network, which an import does not have
+            for lr in (m.lrs or (None,)):
+                make("calibrate", EXTERNAL_WEIGHTS, m.name, fold, lr if m.lrs else None,
+                     method_params(m, lr), base.key, 1, train["calibrate"],
+                     resolved(m, EXTERNAL_WEIGHTS, lr, base.dataset))

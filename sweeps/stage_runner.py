@@ -23,13 +23,18 @@ LOGITS_ARTIFACT = "logits"
 
 def upstream_needs(spec: TrialSpec) -> tuple[str, ...]:
     """Which upstream artifacts ``spec`` reads: base weights and/or the exported base logits."""
-    if spec.upstream is None:
-        return ()
+    if spec.upstream is None or is_external(spec):
+        return ()  # an import's logits are in its prepared cache, on the shared volume
     if spec.stage == "base":
         return (WEIGHTS_ARTIFACT,)
     from calib.methods import get_method
 
     return (LOGITS_ARTIFACT,) if get_method(spec.method).uses == "logits" else (WEIGHTS_ARTIFACT,)
+
+
+def is_external(spec: TrialSpec) -> bool:
+    """True for a trial on another network's predictions (a ``kind: predictions`` dataset)."""
+    return spec.config["data"].get("kind") == "predictions"
 
 
 def _net_config(spec: TrialSpec):
@@ -55,6 +60,17 @@ def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[
     split = make_split(Path(data["cache_dir"]), folds, spec.fold, protocol=cfg["data"]["protocol"],
                        seed=cfg["seed"], val_fraction=cfg["data"]["val_fraction"],
                        calib_fraction=cfg["data"].get("calib_fraction", 0.2))
+    if is_external(spec):  # another network's predictions: their logits are the prepared cache's
+        from calib.data.predictions import logits_dir
+        from calib.stages import run_imported
+
+        logits = logits_dir(data["cache_dir"])
+        if spec.stage == "base":
+            return run_imported(split, logits, work_dir)
+        schedule = TrainConfig(**{"lr": spec.params.get("lr", 1e-3), "max_epochs": 1, **cfg["train"]})
+        return run_calibrate(spec.method, spec.params, spec.weights, None, schedule, split,
+                             base_weights=None, base_logits=logits, work_dir=work_dir, device=device,
+                             callbacks=callbacks)
     net_cfg = _net_config(spec)
     if spec.stage == "pretrain":
         return run_pretrain(net_cfg, TrainConfig(**cfg["train"]), split, work_dir, device, callbacks)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -58,7 +59,7 @@ WORKFLOW_QUERY = "workflowType=machine_learning"
 SOURCE_NAME = "mlflow.source.name"
 SOURCE_TYPE = "mlflow.source.type"
 DATA_CONTEXT = "mlflow.data.context"  # the tag MLflow's UI shows as a dataset's context
-MODEL_NAME = "model"  # the LoggedModel's name (one per trial run)
+MODEL_NAME = "model"  # a LoggedModel's name when the trial config names nothing better
 MODEL_ARTIFACT = "model"  # the model folder inside the pyfunc's artifacts
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # MLflow "models from code": no pickle
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
@@ -247,14 +248,14 @@ def build_model_dir(dest: Path, trial_config: Mapping[str, Any], stage_file: Pat
 
 
 def log_trial_model(client: MlflowClient, run_id: str, experiment_id: str, model_dir: Path,
-                    tags: Mapping[str, str] | None = None) -> str:
-    """Log the model folder as a pyfunc LoggedModel of ``run_id``; returns the model id."""
+                    tags: Mapping[str, str] | None = None, name: str = MODEL_NAME) -> str:
+    """Log the model folder as a pyfunc LoggedModel ``name`` of ``run_id``; returns the model id."""
     from calib.apply import load_fitted
 
     fitted = load_fitted(model_dir)  # the signature comes from what the folder holds
     channels = (fitted.config.get("net") or {}).get("in_channels")
     signature = model_signature(fitted.inputs, channels, fitted.samples)
-    logged = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id,
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id,
                                         tags={k: str(v) for k, v in (tags or {}).items()},
                                         model_type="calibrated-segmentation")
     try:
@@ -292,14 +293,19 @@ def log_trial_lineage(client: MlflowClient, run_id: str, experiment_id: str, tri
         log_trial_datasets(client, run_id, dataset, Path(cache_dir), splits)
     base = None
     external = (trial_config.get("data") or {}).get("kind") == "predictions"
+    if external and trial_config.get("stage") != "calibrate":
+        return None  # the "base model" of imported predictions is the other network: nothing to log
     if trial_config.get("stage") == "calibrate" and upstream_run_id and not external:
         base = fetch_artifacts(client, upstream_run_id, f"{schema.WEIGHTS_DIR}/weights.pt", Path(scratch) / "base")
     model_dir = build_model_dir(Path(scratch) / "model", trial_config, stage_file, base)
     tags = {schema.STAGE: trial_config.get("stage", ""), schema.DATASET: dataset,
             schema.WEIGHTS: trial_config.get("weights", ""), schema.METHOD: trial_config.get("method", ""),
             schema.FOLD: str(trial_config.get("fold", "")), schema.TRIAL_KEY: trial_config.get("trial_key", "")}
+    # what the Models column and page show: e.g. brats18-CE-platt-fold0
+    parts = (dataset, trial_config.get("weights"), trial_config.get("method"), f"fold{trial_config.get('fold', '')}")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(str(p) for p in parts if p))
     try:
-        return log_trial_model(client, run_id, experiment_id, model_dir, tags)
+        return log_trial_model(client, run_id, experiment_id, model_dir, tags, name=name or MODEL_NAME)
     except ValueError as exc:  # the stage's file is no loadable model (calib.apply says why)
         # The trial's results stand; the run says why it has no model instead of failing.
         from tracking.runs import one_line

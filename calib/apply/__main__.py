@@ -16,6 +16,7 @@ arguments (unknown or unfinished run, unknown model URI, unreachable store).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="calib-apply-") as tmp:
         model_dir = args.model_dir
         if model_dir is None:
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             from tracking.models import ModelNotFound, download_model  # the one calib -> tracking import
 
             try:
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:  # DataError / ApplyError / MethodError: bad input, named
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    print(f"model: {model.describe()}")
+    where = args.model_dir or args.model or f"run {args.run}"
+    print(f"model: {model.dataset}/{model.config.get('weights', '')}/{model.method} ({model.stage}) from {where}")
     for r in results:
         for name, path in r.files.items():
             print(f"{r.case_id}: {name} -> {path}")

@@ -72,8 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("phantom", help="write a phantom dataset in the real BraTS/ISLES layout",
                        description="Write a seeded phantom dataset with known label probabilities.",
                        epilog=EPILOG_PHANTOM, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, choices=(*DATASETS, "predictions"),
+                   help="predictions: another network's overconfident output with labels, masks and "
+                        "the true probabilities (calib.data.predictions_phantom)")
     p.add_argument("--out", required=True, type=Path, help="new or empty folder to create the dataset in")
+    p.add_argument("--format", choices=("nifti", "nnunet"), default="nifti",
+                   help="predictions only: <case>.nii.gz maps or nnU-Net's <case>.npz + <case>.pkl")
+    p.add_argument("--scale", type=_positive_float, default=3.0,
+                   help="predictions only: the network's logit = scale x the true logit (default 3: overconfident)")
     p.add_argument("--subjects", type=_positive_int, default=12, help="number of subjects (default 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--shape", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"),
@@ -187,6 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     sub = args.parser  # the subcommand's parser, for its one-line errors
+
+    if args.command == "phantom" and args.dataset == "predictions":
+        from .predictions_phantom import write_prediction_phantoms
+
+        if args.out.exists() and any(args.out.iterdir()):
+            sub.error(f"--out {args.out}: not empty; give a new or empty folder")
+        ids = write_prediction_phantoms(args.out, args.subjects, args.scale, args.seed, args.format,
+                                        **({"base_shape": tuple(args.shape)} if args.shape else {}))
+        print(f"{len(ids)} phantom prediction cases ({args.format}) in {args.out}: predictions/, "
+              "labels/, masks/, truth/")
+        return 0
 
     if args.command == "phantom":
         from .phantom import write_phantoms

@@ -19,20 +19,26 @@ import numpy as np
 
 from .errors import DataError
 from .nnunet import write_nnunet_probabilities
-from .synth import SmoothField, grid_affine, sigmoid, world_coords
+from .synth import WaveField, grid_affine, sigmoid
 
 PHANTOM_FORMATS = ("nifti", "nnunet")
 
 
+def _world(affine: np.ndarray, shape) -> np.ndarray:
+    """World position (mm, RAS) of every voxel centre: float32 (3, *shape)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+    return (np.tensordot(affine[:3, :3], ijk, axes=1) + affine[:3, 3][:, None, None, None]).astype(np.float32)
+
+
 def _case_maps(rng: np.random.Generator, affine: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
     """(true logit, head mask) on a grid; the world origin is the head centre."""
-    xyz = world_coords(affine, shape)
-    field = SmoothField(rng, (12.0, 30.0))(xyz)
-    blob_centre = np.array([8.0, 6.0, 4.0], dtype=np.float32)  # right, anterior, superior
-    blob = np.exp(-np.sum(((xyz - blob_centre) / 5.0) ** 2, axis=-1))
+    xyz = _world(affine, shape)
+    field = WaveField(rng, (12.0, 30.0))(xyz)
+    blob_centre = np.array([8.0, 6.0, 4.0], dtype=np.float32)[:, None, None, None]  # right, anterior, superior
+    blob = np.exp(-np.sum(((xyz - blob_centre) / 5.0) ** 2, axis=0))
     logit = 2.0 * field + 6.0 * blob - 1.5
-    radii = np.array([13.0, 13.0, 10.0], dtype=np.float32)
-    mask = np.sum((xyz / radii) ** 2, axis=-1) < 1.0
+    radii = np.array([13.0, 13.0, 10.0], dtype=np.float32)[:, None, None, None]
+    mask = np.sum((xyz / radii) ** 2, axis=0) < 1.0
     return logit.astype(np.float32), mask
 
 

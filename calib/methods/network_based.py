@@ -12,7 +12,7 @@ from torch import nn
 
 from calib.losses import LOSSES
 from calib.methods.base import CalibrationMethod, SubjectRef, SubjectSet
-from calib.methods.params import MethodError
+from calib.methods.params import EXTERNAL_WEIGHTS, MethodError
 from calib.methods.volumes import VolumeBatches
 from calib.nets import UNet3D, UNetConfig
 from calib.training import EpochResult, FitResult, atomic_save, fit
@@ -75,6 +75,9 @@ class NetworkMethod(CalibrationMethod, abc.ABC):
 
     def __init__(self, params: Mapping | None = None, **context):
         super().__init__(params, **context)
+        if self.weights == EXTERNAL_WEIGHTS:
+            raise MethodError(f"method {self.name!r} retrains a U-Net; another network's imported "
+                              "predictions (weights 'external') come without one")
         if self.net_cfg is None:
             raise MethodError(f"method {self.name!r} retrains the base network: net_cfg is required")
         self.net_cfg = as_unet_config(self.net_cfg)

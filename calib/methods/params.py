@@ -9,6 +9,9 @@ from typing import Any
 
 #: Base-weight names of the study (DESIGN.md): CE, CE then soft Dice, soft Dice from scratch.
 BASE_WEIGHTS = ("CE", "CE-SD", "SD")
+#: The "weights" of another network's imported predictions (calib.data.predictions); only the
+#: logit-based methods, whose recipe does not depend on the weights, are fitted on them.
+EXTERNAL_WEIGHTS = "external"
 #: Kernel sizes of the auxiliary conv the paper tried (k = 1 is Platt scaling).
 AUX_KERNELS = (1, 5, 7, 9, 11)
 #: Flip sets of test-time augmentation: the identity and one flip per spatial axis (4 passes), or
@@ -90,8 +93,9 @@ def resolve_params(method: str, defaults: Mapping[str, Any], params: Mapping[str
 
 
 def check_weights(method: str, weights: str) -> str:
-    """``weights`` if it is one of :data:`BASE_WEIGHTS`, else a MethodError listing them."""
-    if weights not in BASE_WEIGHTS:
+    """``weights`` if it is one of :data:`BASE_WEIGHTS` or :data:`EXTERNAL_WEIGHTS`, else a
+    MethodError listing them."""
+    if weights not in BASE_WEIGHTS and weights != EXTERNAL_WEIGHTS:
         raise MethodError(f"method {method!r}: unknown base weights {weights!r}"
                           f"{closest(weights, BASE_WEIGHTS)}; valid choices: {', '.join(BASE_WEIGHTS)}")
     return weights

@@ -103,7 +103,7 @@ def test_missing_data_root_names_the_fixes(tmp_path):
 
 
 def test_unknown_grid_name_lists_the_grids():
-    with pytest.raises(GridError, match=r"'papr'.*did you mean 'paper'.*demo, paper"):
+    with pytest.raises(GridError, match=r"'papr'.*did you mean 'paper'.*demo, external-example, paper"):
         load_grid("papr")
 
 

@@ -188,7 +188,7 @@ def test_registry_keeps_the_best_calibrated_method_per_fold(external, mlflow_sto
     (reg,) = register_best(client, mlflow_store, "calib-x", results, [sel])
     name = registered_name("calib-x", "ext", "CE")
     assert reg.name == name == "calib-x-ext-CE" and reg.method == "temperature"
-    assert client.get_model_version_by_alias(name, "best").version == reg.versions[1]
+    assert str(client.get_model_version_by_alias(name, "best").version) == reg.versions[1]
     assert client.get_model_version_by_alias(name, "fold0").run_id == runs[0].run_id
     # a second report reuses the versions
     (again,) = register_best(client, mlflow_store, "calib-x", results, [sel])

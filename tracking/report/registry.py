@@ -69,12 +69,12 @@ def _version_of(client: MlflowClient, tracking_uri: str, name: str, run_id: str,
     """The version of ``name`` holding ``model_id`` (created when missing)."""
     for v in client.search_model_versions(f"name = '{name}'"):
         if v.run_id == run_id and (v.tags or {}).get("calib.model_id") == model_id:
-            return v.version
+            return str(v.version)
     # MLflow's SQL registry resolves a models:/ source through the process-wide tracking URI
     with process_tracking_uri(tracking_uri):
         v = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
                                         tags={**tags, "calib.model_id": model_id}, model_id=model_id)
-    return v.version
+    return str(v.version)
 
 
 def register_best(client: MlflowClient, tracking_uri: str, experiment: str, results: pd.DataFrame,
