@@ -1,7 +1,7 @@
 """The paper plan on paper: makespan on 1, 4, 8 and 32 GPUs, waves vs a dependency-graph scheduler.
 
 Builds the paper plan with the real planner (``sweeps.config.load_grid("paper")`` and
-``sweeps.plan.expand``: 310 trials), draws each trial's duration from ``sweeps.cost_model.CostModel``
+``sweeps.plan.expand``: 490 trials, the paper's 310 and the methods beyond it), draws each trial's duration from ``sweeps.cost_model.CostModel``
 (per-epoch seconds from ``--throughput FILE`` -- written by ``python bench/unet.py --json`` on the
 target device, one per dataset at most -- else from the documented defaults; epochs around
 ``--epoch-fraction`` x the grid's ``max_epochs``), and simulates, with the fractional GPU shares
