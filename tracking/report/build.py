@@ -137,7 +137,7 @@ def write_report(data: ReportData, out: Path, log_artifacts: bool = True) -> Rep
         registered = tuple(register_best(data.client, data.tracking_uri, data.trials.experiment_name, data.results,
                                          data.selections, data.warn))
         for r in registered:
-            log.info("registered %s -> %s (versions %s)", r.uri, r.method, ", ".join(r.versions.values()))
+            log.info("registered %s -> %s (versions %s)", r.uri, r.method, ", ".join(map(str, r.versions.values())))
     return ReportOutcome(out, files, data.results, data.selections, tuple(data.warn.messages),
                          logged_to, registered)
 
