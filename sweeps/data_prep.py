@@ -42,11 +42,14 @@ def ensure_phantoms(spec: DatasetSpec) -> None:
     reported instead of silently reused.
     """
     from calib.data import DataError, write_phantoms
+    from calib.data.phantom import PHANTOM_VERSION
 
     assert spec.phantom is not None and spec.root is not None
     ph = spec.phantom
+    # The generator's version is part of the spec: phantoms of an older generator are reported,
+    # not silently reused as if the grid's seed had produced them.
     want = {"dataset": spec.name, "subjects": ph.subjects, "seed": ph.seed,
-            "shape": None if ph.shape is None else list(ph.shape)}
+            "shape": None if ph.shape is None else list(ph.shape), "version": PHANTOM_VERSION}
     marker = _phantom_marker(spec.root)
     if spec.root.is_dir() and any(spec.root.iterdir()):
         if marker.exists():

@@ -56,11 +56,11 @@ def test_only_trials_whose_upstream_finished_are_suggested(demo):
 
 def test_a_failed_upstream_skips_what_waits_below_it(demo):
     graph = TrialGraph(list(demo.trials), {})
-    pre = _of(demo, stage="pretrain", dataset="isles18", fold=1)[0]
+    pre = _of(demo, stage="pretrain", dataset="isles18", fold=0)[0]
     skipped = graph.failed(pre.key)
     below = demo.downstream_of([pre.key])
     per_base = len([t for t in demo.trials if t.upstream == _of(demo, stage="base", dataset="isles18",
-                                                                 weights="CE", fold=1)[0].key])
+                                                                 weights="CE", fold=0)[0].key])
     assert {t.key for t in skipped} == below and len(below) == 2 + 2 * per_base and per_base
     order = [t.key for t in skipped]
     for t in skipped:  # each after its upstream
