@@ -156,3 +156,23 @@ def test_resource_problems_name_what_cannot_fit(paper):
     assert "pretrain/pretrain trials need gpu 1" in text and "the Ray cluster has 0" in text
     assert "calibrate/platt trials need gpu 0.25" in text
     assert resource_problems(paper.trials, {"CPU": 16.0, "GPU": 1.0}) == []
+
+
+def test_the_demo_grid_runs_every_method_and_weights_on_volumes_that_show_a_brain():
+    grid = load_grid("demo", require_data=False, env={})
+    plan = expand(grid)
+    by_stage = Counter(t.stage for t in plan.trials)
+    models = len(grid.datasets) * len(grid.folds.run_folds())
+    assert by_stage["pretrain"] == models
+    assert by_stage["base"] == models * len(grid.weights) and set(grid.weights) == {"CE", "CE-SD", "SD"}
+    per_base = {w: sum(len(m.learning_rates(w)) for m in grid.methods) for w in grid.weights}
+    assert by_stage["calibrate"] == sum(per_base[w] for w in grid.weights) * models
+    from calib.methods.registry import METHOD_NAMES
+
+    assert {m.name for m in grid.methods} == set(METHOD_NAMES)  # every method of the registry
+    # the floor: at least 40 x 40 x 24 voxels, so that a slice shows a brain
+    shape = sorted(grid.preprocessing.shape, reverse=True)
+    assert shape[0] >= 40 and shape[1] >= 40 and shape[2] >= 24
+    # phantoms in the real geometry: BraTS 240 x 240 x 155 at 1 mm, ISLES 256 x 256 slabs
+    assert tuple(grid.dataset("brats18").phantom.shape) == (240, 240, 155)
+    assert tuple(grid.dataset("isles18").phantom.shape)[:2] == (256, 256)
