@@ -50,12 +50,12 @@ from calib.logits import export_logits
 from calib.losses import LOSSES
 from calib.methods import SubjectSet, build_method
 from calib.methods.network_based import load_weights, save_weights, unet_probability
-from calib.methods.params import BASE_WEIGHTS, MethodError, closest
+from calib.methods.params import MethodError, closest
 from calib.methods.volumes import VolumeBatches
 from calib.nets import UNet3D, UNetConfig
 from calib.training import EpochResult, FitResult, TrainConfig, fit
+from calib.vocabulary import BASE_WEIGHTS, PROTOCOLS
 
-PROTOCOLS = ("honest", "two_way", "paper")
 SPLITS = ("train", "val", "calib", "test")
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "weights.pt"

@@ -31,7 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeps.config import STAGES
+from calib.vocabulary import STAGES
 from sweeps.plan import Plan, TrialSpec
 
 #: Fraction of ``max_epochs`` a stage is expected to run before early stopping stops it: the

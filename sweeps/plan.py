@@ -1,6 +1,6 @@
 """Expansion of a grid into staged trials, each named by a stable trial key.
 
-Stages and their dependencies (DESIGN.md):
+Stages and their dependencies (see docs/architecture.md, "Trials and keys"):
 
 * ``pretrain``  dataset x fold: CE training (only when CE or CE-SD weights are in the grid);
 * ``base``      dataset x fold x weights: CE and CE-SD continue from the pretraining, SD trains
@@ -25,7 +25,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sweeps.config import EXTERNAL_WEIGHTS, GridConfig, Resources, method_params, resolved_method_params
+from calib.methods.recipes import RECIPES
+from calib.vocabulary import (BASE, CALIBRATE, EXTERNAL_WEIGHTS, PREDICTIONS_KIND, PRETRAIN,
+                              PRETRAINED_WEIGHTS)
+from sweeps.config import GridConfig, Resources, method_params, resolved_method_params
 
 KEY_VERSION = 1
 KEY_LENGTH = 20  # hex digits (80 bits): no collision in any realistic experiment, still readable
@@ -65,8 +68,8 @@ class TrialSpec:
     @property
     def label(self) -> str:
         """``calibrate brats18/CE/mc_decoder lr=0.001 fold 2``."""
-        what = "/".join(x for x in (self.dataset, self.weights if self.stage != "pretrain" else "",
-                                   self.method if self.stage == "calibrate" else "") if x)
+        what = "/".join(x for x in (self.dataset, self.weights if self.stage != PRETRAIN else "",
+                                   self.method if self.stage == CALIBRATE else "") if x)
         lr = f" lr={self.lr:g}" if self.lr is not None else (
             f" lr=optuna#{self.sample}" if self.search == "optuna" else "")
         return f"{self.stage} {what}{lr} fold {self.fold}"
@@ -165,7 +168,7 @@ def _data_payload(grid: GridConfig, dataset: str) -> dict:
     if ds.predictions is not None:  # another network's predictions: no preprocessing, a reading rule
         p = ds.predictions
         return {
-            "dataset": dataset, "kind": "predictions",
+            "dataset": dataset, "kind": PREDICTIONS_KIND,
             "predictions": {"values": p.values, "foreground": None if p.foreground is None else list(p.foreground),
                             "masks": p.masks is not None, "mask_threshold": p.mask_threshold},
             "folds": {"n_folds": grid.folds.n_folds, "seed": grid.folds.seed,
@@ -203,11 +206,11 @@ def expand(grid: GridConfig) -> Plan:
     search = grid.search
     resolved_cache: dict[tuple, dict] = {}
 
-    def resolved(m, weights, lr, dataset):
-        k = (m.name, weights, lr, dataset)
+    def resolved(m, weights, lr):
+        k = (m.name, weights, lr)
         if k not in resolved_cache:
-            resolved_cache[k] = resolved_method_params(m, weights, lr, dataset,
-                                                       grid.training["calibrate"], grid.seed)
+            resolved_cache[k] = resolved_method_params(m, weights, lr, grid.training[CALIBRATE],
+                                                       grid.seed)
         return resolved_cache[k]
 
     for dataset in grid.datasets:
@@ -245,26 +248,25 @@ def expand(grid: GridConfig) -> Plan:
             continue
         for fold in grid.folds.run_folds():
             pre = None
-            if any(w in ("CE", "CE-SD") for w in grid.weights):
-                pre = make("pretrain", "CE", "pretrain", fold, None, {}, None, 0,
-                           train["pretrain"], {})
+            if any(w in PRETRAINED_WEIGHTS for w in grid.weights):
+                pre = make(PRETRAIN, "CE", PRETRAIN, fold, None, {}, None, 0, train[PRETRAIN], {})
             for weights in grid.weights:
-                up = None if weights == "SD" else pre
-                base = make("base", weights, "base", fold, None, {}, None if up is None else up.key,
-                            0 if up is None else 1, train["base"], {})
+                up = pre if weights in PRETRAINED_WEIGHTS else None
+                base = make(BASE, weights, BASE, fold, None, {}, None if up is None else up.key,
+                            0 if up is None else 1, train[BASE], {})
                 for m in grid.methods:
                     if search.kind == "optuna" and m.name in search.methods:
                         for i in range(search.samples or len(m.lrs)):
-                            make("calibrate", weights, m.name, fold, None, method_params(m, None),
-                                 base.key, base.wave + 1, train["calibrate"],
-                                 resolved(m, weights, None, ds), sample=i)
+                            make(CALIBRATE, weights, m.name, fold, None, method_params(m, None),
+                                 base.key, base.wave + 1, train[CALIBRATE],
+                                 resolved(m, weights, None), sample=i)
                         continue
                     for lr in m.learning_rates(weights):
                         # Only an LR axis is the trial's ``lr`` (tagged calib.lr); a fixed LR by
                         # weights is one of the method's parameters.
-                        make("calibrate", weights, m.name, fold, lr if m.lrs else None,
-                             method_params(m, lr), base.key, base.wave + 1, train["calibrate"],
-                             resolved(m, weights, lr, ds))
+                        make(CALIBRATE, weights, m.name, fold, lr if m.lrs else None,
+                             method_params(m, lr), base.key, base.wave + 1, train[CALIBRATE],
+                             resolved(m, weights, lr))
     # Dependency order: by wave, stable within a wave.
     trials.sort(key=lambda t: t.wave)
     return Plan(grid=grid, trials=tuple(trials))
@@ -273,14 +275,12 @@ def expand(grid: GridConfig) -> Plan:
 def _expand_external(grid: GridConfig, make, resolved, train: dict) -> None:
     """Another network's predictions, per fold: a ``base`` trial that scores the imported
     predictions themselves (no training), then every logit-based method of the grid on them."""
-    from calib.methods import get_method
-
     for fold in grid.folds.run_folds():
-        base = make("base", EXTERNAL_WEIGHTS, "base", fold, None, {}, None, 0, {}, {})
+        base = make(BASE, EXTERNAL_WEIGHTS, BASE, fold, None, {}, None, 0, {}, {})
         for m in grid.methods:
-            if get_method(m.name).uses != "logits":
+            if RECIPES[m.name].uses != "logits":
                 continue  # network-based methods need the network, which an import does not have
             for lr in (m.lrs or (None,)):
-                make("calibrate", EXTERNAL_WEIGHTS, m.name, fold, lr if m.lrs else None,
-                     method_params(m, lr), base.key, 1, train["calibrate"],
-                     resolved(m, EXTERNAL_WEIGHTS, lr, base.dataset))
+                make(CALIBRATE, EXTERNAL_WEIGHTS, m.name, fold, lr if m.lrs else None,
+                     method_params(m, lr), base.key, 1, train[CALIBRATE],
+                     resolved(m, EXTERNAL_WEIGHTS, lr))

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from sweeps.config import STAGES
+from calib.vocabulary import STAGES
 from sweeps.plan import Plan, TrialSpec
 
 if TYPE_CHECKING:

@@ -28,6 +28,7 @@ from calib.methods import CalibrationMethod, load_method
 from calib.methods.mc_dropout import MCDropout, sample_seeds
 from calib.methods.network_based import as_unet_config, load_weights
 from calib.nets import UNet3D
+from calib.vocabulary import BASE, PRETRAIN
 
 TRIAL_CONFIG = "trial_config.json"
 STAGE_WEIGHTS = "weights.pt"
@@ -199,7 +200,7 @@ def load_fitted(model_dir: Path) -> FittedModel:
         except ValueError as exc:
             raise ApplyError(str(exc)) from exc
 
-    if config["stage"] in ("pretrain", "base"):
+    if config["stage"] in (PRETRAIN, BASE):
         weights = model_dir / STAGE_WEIGHTS
         if not weights.is_file():
             raise ApplyError(f"{weights}: the {config['stage']} model's weights are missing")

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .errors import DataError
 from .layouts import SUPPORTED_DATASETS as DATASETS
+from ..vocabulary import NORMALISATIONS
 
 EPILOG_PREPROCESS = """\
 cache: each distinct preprocessing config + set of source files (path, size, mtime) gets its own
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--spacing", type=_positive_float, default=2.0, help="isotropic voxel size in mm (default 2)")
     q.add_argument("--shape", type=_positive_int, nargs=3, default=[136, 136, 82], metavar=("X", "Y", "Z"),
                    help="output grid (default 136 136 82)")
-    q.add_argument("--normalisation", choices=("subject", "fixed"), default="subject",
+    q.add_argument("--normalisation", choices=NORMALISATIONS, default=NORMALISATIONS[0],
                    help="subject: z-score per channel inside the mask (default); fixed: the paper's "
                    "public code, one shift/scale per modality")
     q.add_argument("--workers", type=_positive_int, default=None,

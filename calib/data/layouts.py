@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..vocabulary import BRATS18, DATASETS, ISLES18
+
 from .errors import (
     DUPLICATE_SUBJECT,
     EMPTY_DATASET,
@@ -33,7 +35,7 @@ from .errors import (
     Problem,
 )
 
-SUPPORTED_DATASETS = ("brats18", "isles18")
+SUPPORTED_DATASETS = DATASETS
 
 BRATS_GROUPS = ("HGG", "LGG")
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -63,8 +65,8 @@ class Layout:
 
 
 LAYOUTS = {
-    "brats18": Layout("brats18", BRATS_MODALITIES, BRATS_LABEL, BRATS_LABEL_VALUES),
-    "isles18": Layout("isles18", ISLES_CHANNELS, ISLES_LABEL, ISLES_LABEL_VALUES),
+    BRATS18: Layout(BRATS18, BRATS_MODALITIES, BRATS_LABEL, BRATS_LABEL_VALUES),
+    ISLES18: Layout(ISLES18, ISLES_CHANNELS, ISLES_LABEL, ISLES_LABEL_VALUES),
 }
 
 
@@ -208,7 +210,7 @@ def detect_dataset(root: Path) -> str:
             f"cannot tell the dataset of {root} from its layout; pass --dataset "
             f"({', '.join(SUPPORTED_DATASETS)})"
         )
-    return "brats18" if brats else "isles18"
+    return BRATS18 if brats else ISLES18
 
 
 # --------------------------------------------------------------------------------------- BraTS
@@ -287,7 +289,7 @@ def _isles_entry(entry: Path) -> tuple[str | None, Path | None, str | None]:
 
 def _discover_isles(root: Path) -> Discovery:
     disc = Discovery()
-    layout = LAYOUTS["isles18"]
+    layout = LAYOUTS[ISLES18]
     base = root / ISLES_FOLDER if (root / ISLES_FOLDER).is_dir() else root
     known = (*ISLES_CHANNELS, ISLES_LABEL, ISLES_4D, ISLES_TRUE_PROB)
     for case_dir in _visible_dirs(base):

@@ -44,6 +44,7 @@ from .cache import cache_dir_for, cache_key, is_complete, source_fingerprint, wr
 from .check import check_subject
 from .errors import EMPTY_MASK, DataError, Problem, error_from_problems
 from .layouts import SubjectFiles, discover, get_layout
+from ..vocabulary import NORMALISATIONS
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ FORMAT_VERSION = 2
 ISLES_HEAD_THRESHOLD_HU = -23.0
 DEFAULT_SPACING = 2.0
 DEFAULT_SHAPE = (136, 136, 82)
-NORMALISATIONS = ("subject", "fixed")
 _NORMALISATION_TEXT = {"subject": "zscore per channel inside mask, 0 outside",
                        "fixed": "fixed shift/scale per modality (public code)"}
 #: ``(shift, scale)`` per modality of the paper's public code (AxelJanRousseau/

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from calib.methods.logit_based import CALIBRATION_SCHEDULE, LogitCalibrator
+from calib.methods.logit_based import LogitCalibrator
 from calib.methods.platt import PointwiseConv
 
 
@@ -27,14 +27,6 @@ class AuxiliaryConv(LogitCalibrator):
     """
 
     name = "auxiliary"
-    DEFAULTS = {**CALIBRATION_SCHEDULE, "k": 5, "dims": 2, "batch_size": None}
-
-    def __init__(self, params=None, **context):
-        params = dict(params or {})
-        dims = params.get("dims", self.DEFAULTS["dims"])
-        if params.get("batch_size") is None:
-            params["batch_size"] = 64 if dims == 2 else 2
-        super().__init__(params, **context)
 
     @property
     def slice_wise(self) -> bool:

@@ -26,8 +26,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from calib.methods.params import SCHEDULE_KEYS, MethodError, check_weights, resolve_params
+from calib.methods.params import MethodError
+from calib.methods.recipes import RECIPES, resolve
 from calib.training import EpochResult, FitResult, TrainConfig, atomic_save
+from calib.vocabulary import METHOD_TRAIN_KEYS
 
 SAVE_FORMAT = 1
 
@@ -128,9 +130,10 @@ class SubjectRef:
 class CalibrationMethod(abc.ABC):
     """Base class of the calibration methods (see the module doc for the workflow).
 
-    Class attributes of each method: ``name`` (registry key), ``uses`` (``"logits"`` or
-    ``"images"``), ``has_lr`` (True where the LR is a swept axis), ``DEFAULTS`` (every accepted
-    parameter with its default, the paper's recipe).
+    Class attributes of each method: ``name`` (registry key); ``uses`` (``"logits"`` or
+    ``"images"``), ``has_lr`` (True where the LR is a swept axis) and ``DEFAULTS`` (every accepted
+    parameter with its default, the paper's recipe) come from its recipe
+    (:mod:`calib.methods.recipes`), set when the class is defined.
 
     Constructor: ``params`` override ``DEFAULTS``; ``weights`` names the base weights
     (``"CE"``, ``"CE-SD"``, ``"SD"``; some recipes depend on it); ``net_cfg`` / ``base_weights``
@@ -153,17 +156,17 @@ class CalibrationMethod(abc.ABC):
     #: retrain U-Net layers, as the public code's Keras model carries its regulariser with it.
     uses_weight_decay: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a concrete method: its recipe is the one source of these
+            recipe = RECIPES[cls.name]
+            cls.uses, cls.has_lr, cls.DEFAULTS = recipe.uses, recipe.has_lr, recipe.defaults
+
     def __init__(self, params: Mapping[str, Any] | None = None, *, weights: str = "CE",
                  net_cfg=None, base_weights: Path | None = None,
                  schedule: TrainConfig | None = None):
-        self.weights = check_weights(self.name, weights)
-        defaults = dict(self.DEFAULTS)
-        if schedule is not None:
-            for key in ("max_epochs", "lr_factor", "lr_patience", "early_stop_patience",
-                        "min_rel_improvement", "seed"):
-                if key in defaults:
-                    defaults[key] = getattr(schedule, key)
-        self.params = resolve_params(self.name, defaults, params)
+        self.params = resolve(self.name, params, weights, schedule)
+        self.weights = weights
         # Set by the protocol and the network, not by the method's recipe: the epoch kept
         # (best or last) and the network's L2 penalty.
         self.restore_best = True if schedule is None else bool(schedule.restore_best)
@@ -175,7 +178,7 @@ class CalibrationMethod(abc.ABC):
     # ---- training ---------------------------------------------------------------------------
     def train_config(self) -> TrainConfig:
         """The optimisation settings this method trains with (resolved parameters)."""
-        return TrainConfig(**{k: self.params[k] for k in SCHEDULE_KEYS if k in self.params},
+        return TrainConfig(**{k: self.params[k] for k in METHOD_TRAIN_KEYS if k in self.params},
                            weight_decay=self.weight_decay, restore_best=self.restore_best)
 
     @abc.abstractmethod

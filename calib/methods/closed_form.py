@@ -35,9 +35,6 @@ from calib.methods.base import CalibrationMethod, SubjectRef, SubjectSet
 from calib.methods.params import MethodError
 from calib.training import EpochResult, FitResult
 
-#: Calibration voxels fitted at most (in expectation; see the module doc).
-MAX_VOXELS = 2_000_000
-
 
 def calibration_voxels(subjects: SubjectSet, max_voxels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Cached base logits and labels of the voxels inside the masks of ``subjects`` (flat float64
@@ -68,8 +65,6 @@ class ClosedFormMap(CalibrationMethod, abc.ABC):
     labels) and :meth:`map_logits` (calibrated probabilities from base logits, any shape).
     """
 
-    uses = "logits"
-    DEFAULTS: ClassVar[Mapping] = {"max_voxels": MAX_VOXELS, "seed": 0}
     STATE_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Mapping | None = None, **context):

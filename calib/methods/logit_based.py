@@ -21,14 +21,6 @@ from calib.losses import bce_loss
 from calib.methods.base import CalibrationMethod, SubjectRef, SubjectSet, no_autocast
 from calib.training import EpochResult, FitResult, fit
 
-#: The paper's calibration recipe (DESIGN.md "Facts"): CE on batches of 64 z-slices, Adam 5e-3,
-#: LR x0.1 on a plateau of 3 epochs, <= 50 epochs, early stop after 6 epochs without improvement.
-CALIBRATION_SCHEDULE = {
-    "lr": 5e-3, "max_epochs": 50, "lr_factor": 0.1, "lr_patience": 3, "early_stop_patience": 6,
-    "min_rel_improvement": 1e-4, "seed": 0, "batch_size": 64,
-}
-
-
 class LogitCalibrator(CalibrationMethod, abc.ABC):
     """A method defined by a small module mapping base logits to calibrated logits.
 
@@ -36,7 +28,6 @@ class LogitCalibrator(CalibrationMethod, abc.ABC):
     z-slices ``(B, 1, X, Y)`` (True) or volumes ``(B, 1, X, Y, Z)`` (False).
     """
 
-    uses = "logits"
 
     def __init__(self, params: Mapping | None = None, **context):
         super().__init__(params, **context)

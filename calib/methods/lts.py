@@ -36,7 +36,7 @@ from scipy.special import expit
 from torch import nn
 
 from calib.methods.base import SubjectRef
-from calib.methods.logit_based import CALIBRATION_SCHEDULE, LogitCalibrator
+from calib.methods.logit_based import LogitCalibrator
 
 #: Lowest temperature (a 100-fold sharpening of the logit).
 T_MIN = 0.01
@@ -75,7 +75,6 @@ class LocalTemperatureScaling(LogitCalibrator):
     (channels of the temperature net, 8) and the calibration schedule (lr 5e-3, 64 slices, ...)."""
 
     name = "lts"
-    DEFAULTS = {**CALIBRATION_SCHEDULE, "hidden": 8}
 
     def build_module(self) -> nn.Module:
         return LocalTemperature(self.params["hidden"])

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from calib.losses import LOSSES
-from calib.methods.logit_based import CALIBRATION_SCHEDULE
 from calib.methods.base import SubjectRef
 from calib.methods.network_based import NetworkMethod
 from calib.nets import UNet3D, UNetConfig
@@ -87,11 +86,8 @@ class MCDropout(NetworkMethod):
     weights), ``n_samples`` (20), ``dropout_rate`` (0.5), ``batch_size`` (2 volumes) and the
     schedule; ``seed`` also seeds the inference samples."""
 
-    has_lr = True
     fit_split = "train"
     setting: str
-    DEFAULTS = {**CALIBRATION_SCHEDULE, "lr": 1e-4, "batch_size": 2, "loss": None,
-                "n_samples": 20, "dropout_rate": 0.5}
 
     def net_config(self) -> UNetConfig:
         from dataclasses import replace

@@ -12,7 +12,8 @@ from torch import nn
 
 from calib.losses import LOSSES
 from calib.methods.base import CalibrationMethod, SubjectRef, SubjectSet
-from calib.methods.params import EXTERNAL_WEIGHTS, MethodError
+from calib.methods.params import MethodError
+from calib.vocabulary import EXTERNAL_WEIGHTS
 from calib.methods.volumes import VolumeBatches
 from calib.nets import UNet3D, UNetConfig
 from calib.training import EpochResult, FitResult, atomic_save, fit
@@ -70,7 +71,6 @@ class NetworkMethod(CalibrationMethod, abc.ABC):
     (:meth:`trained_parameters`), the loss (:meth:`loss_name`) and the prediction.
     """
 
-    uses = "images"
     uses_weight_decay = True
 
     def __init__(self, params: Mapping | None = None, **context):

@@ -59,7 +59,6 @@ class HistogramBinning(ProbabilityMap):
     """
 
     name = "histogram_binning"
-    DEFAULTS = {**ClosedFormMap.DEFAULTS, "n_bins": 20}
     STATE_KEYS = ("inner_edges", "values")
 
     def fit_probabilities(self, p: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:

@@ -1,4 +1,7 @@
-"""Validation of calibration-method parameters: one place, errors that name the key and choices."""
+"""Validation of calibration-method parameters: one place, errors that name the key and choices.
+
+No torch: the sweep checks a grid's method parameters with it before anything is built.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-#: Base-weight names of the study (DESIGN.md): CE, CE then soft Dice, soft Dice from scratch.
-BASE_WEIGHTS = ("CE", "CE-SD", "SD")
-#: The "weights" of another network's imported predictions (calib.data.predictions); only the
-#: logit-based methods, whose recipe does not depend on the weights, are fitted on them.
-EXTERNAL_WEIGHTS = "external"
+from calib.vocabulary import BASE_WEIGHTS, EXTERNAL_WEIGHTS, METHODS
+
 #: Kernel sizes of the auxiliary conv the paper tried (k = 1 is Platt scaling).
 AUX_KERNELS = (1, 5, 7, 9, 11)
 #: Flip sets of test-time augmentation: the identity and one flip per spatial axis (4 passes), or
@@ -64,9 +64,10 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "flips": (_one_of(FLIP_SETS), f"one of {FLIP_SETS}"),
 }
 
-#: Keys of the optimisation schedule, shared by every trained method (calib.training.TrainConfig).
-SCHEDULE_KEYS = ("lr", "max_epochs", "lr_factor", "lr_patience", "early_stop_patience",
-                 "min_rel_improvement", "seed", "batch_size")
+def unknown_method(name: Any) -> MethodError:
+    """The error for a calibration method name that is none of the study's, with a suggestion."""
+    return MethodError(f"unknown calibration method {name!r}{closest(name, METHODS)}; "
+                       f"valid choices: {', '.join(METHODS)}")
 
 
 def resolve_params(method: str, defaults: Mapping[str, Any], params: Mapping[str, Any] | None) -> dict:

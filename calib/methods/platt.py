@@ -1,7 +1,7 @@
 """Platt scaling (Platt 1999): a 1x1 convolution on the base logit, 2 weights, trained with CE.
 
 ``p = sigmoid(a * z + b)`` per voxel, fitted on cached logits in batches of 64 z-slices (the
-paper's recipe, DESIGN.md "Facts"). Starts at the identity ``a = 1, b = 0``.
+paper's recipe, calib.methods.recipes). Starts at the identity ``a = 1, b = 0``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from calib.methods.logit_based import CALIBRATION_SCHEDULE, LogitCalibrator
+from calib.methods.logit_based import LogitCalibrator
 
 
 class PointwiseConv(nn.Module):
@@ -32,7 +32,6 @@ class PlattScaling(LogitCalibrator):
     """``p = sigmoid(a z + b)``; parameters: the calibration schedule (lr 5e-3, 64 slices, ...)."""
 
     name = "platt"
-    DEFAULTS = dict(CALIBRATION_SCHEDULE)
 
     def build_module(self) -> nn.Module:
         return PointwiseConv()

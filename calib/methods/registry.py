@@ -6,30 +6,31 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from calib import vocabulary
 from calib.methods.auxiliary import AuxiliaryConv
 from calib.methods.base import CalibrationMethod, read_saved
 from calib.methods.beta import BetaCalibration
-from calib.methods.finetune import FINETUNE_LR, FineTuneLastLayer
+from calib.methods.finetune import FineTuneLastLayer
 from calib.methods.lts import LocalTemperatureScaling
 from calib.methods.mc_dropout import MCCenter, MCDecoder
 from calib.methods.nonparametric import HistogramBinning, IsotonicCalibration
-from calib.methods.params import MethodError, check_weights, closest
+from calib.methods.params import MethodError, check_weights, unknown_method
 from calib.methods.platt import PlattScaling
+from calib.methods.recipes import FINETUNE_LR
 from calib.methods.temperature import TemperatureScaling
 from calib.methods.tta import TestTimeFlips
 
-#: The paper's five methods first, then those beyond the paper.
+#: The paper's five methods first, then those beyond the paper (calib.vocabulary's order).
 PAPER_METHODS: tuple[type[CalibrationMethod], ...] = (
     PlattScaling, AuxiliaryConv, FineTuneLastLayer, MCDecoder, MCCenter)
 BEYOND_PAPER_METHODS: tuple[type[CalibrationMethod], ...] = (
-    TemperatureScaling, LocalTemperatureScaling, HistogramBinning, IsotonicCalibration,
-    BetaCalibration, TestTimeFlips)
+    TemperatureScaling, LocalTemperatureScaling, BetaCalibration, HistogramBinning,
+    IsotonicCalibration, TestTimeFlips)
 METHODS: dict[str, type[CalibrationMethod]] = {
     cls.name: cls for cls in (*PAPER_METHODS, *BEYOND_PAPER_METHODS)
 }
-#: Every method name: the paper's order, then temperature scaling, local temperature scaling,
-#: histogram binning, isotonic regression, beta calibration and test-time flips (our additions).
-METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+#: Every method name, :data:`calib.vocabulary.METHODS` (a test checks they are the classes' names).
+METHOD_NAMES: tuple[str, ...] = vocabulary.METHODS
 
 
 def get_method(name: str) -> type[CalibrationMethod]:
@@ -37,8 +38,7 @@ def get_method(name: str) -> type[CalibrationMethod]:
     try:
         return METHODS[name]
     except (KeyError, TypeError):
-        raise MethodError(f"unknown calibration method {name!r}{closest(name, METHOD_NAMES)}; "
-                          f"valid choices: {', '.join(METHOD_NAMES)}") from None
+        raise unknown_method(name) from None
 
 
 def method_has_lr(name: str) -> bool:

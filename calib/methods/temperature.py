@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from calib.methods.logit_based import CALIBRATION_SCHEDULE, LogitCalibrator
+from calib.methods.logit_based import LogitCalibrator
 
 
 class Temperature(nn.Module):
@@ -28,7 +28,6 @@ class TemperatureScaling(LogitCalibrator):
     """``p = sigmoid(z / T)``; parameters: the calibration schedule."""
 
     name = "temperature"
-    DEFAULTS = dict(CALIBRATION_SCHEDULE)
 
     def build_module(self) -> nn.Module:
         return Temperature()

@@ -74,8 +74,6 @@ class TestTimeFlips(CalibrationMethod):
     __test__ = False  # not a pytest class, whatever its name says
 
     name = "tta"
-    uses = "images"
-    DEFAULTS = {"flips": "all"}
 
     def __init__(self, params: Mapping | None = None, **context):
         super().__init__(params, **context)

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from calib.vocabulary import BRATS18, DATASETS, ISLES18
+
 POOLINGS = ("max", "avg")
 NORMS = ("instance", "none")
-PAPER_DATASETS = ("brats18", "isles18")
+#: The datasets the paper defines a U-Net for (every dataset of the study).
+PAPER_DATASETS = DATASETS
 
 _BRATS_FEATURES = ((20, 40), (40, 80), (80, 160), (160, 160))
 
@@ -79,15 +82,15 @@ class UNetConfig:
     @classmethod
     def paper(cls, dataset: str) -> "UNetConfig":
         """The network of the paper for ``"brats18"`` or ``"isles18"``."""
-        if dataset == "brats18":
+        if dataset == BRATS18:
             return cls(in_channels=4, features=_BRATS_FEATURES, pooling="max", norm="instance")
-        if dataset == "isles18":
+        if dataset == ISLES18:
             half = tuple((a // 2, b // 2) for a, b in _BRATS_FEATURES)
             return cls(in_channels=5, features=half, pooling="avg", norm="none")
         raise ValueError(f"unknown dataset {dataset!r}; valid choices: {PAPER_DATASETS}")
 
     @classmethod
-    def tiny(cls, in_channels: int, dataset: str = "brats18", levels: int = 3,
+    def tiny(cls, in_channels: int, dataset: str = BRATS18, levels: int = 3,
              base: int = 4) -> "UNetConfig":
         """A small net with the paper's layout (pooling/norm of ``dataset``) for tests and demos.
 

@@ -1,4 +1,5 @@
-"""From the selected runs' pooled per-subject values to ``results_long.csv`` (DESIGN.md contract).
+"""From the selected runs' pooled per-subject values to ``results_long.csv`` (see
+docs/architecture.md, "Report").
 
 Within one dataset × weights and per metric: the best method by mean (Dice highest, ECE lowest),
 every other method tested against it (two-sided Wilcoxon signed-rank, paired over subjects pooled
@@ -14,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from calib.vocabulary import BASE, BASE_WEIGHTS, METHODS
 from tracking.report.errors import ReportError, WarningLog
 from tracking.report.selection import Selection
 from tracking.report.stats import compare_to_best, compare_to_reference, pareto_front
@@ -24,11 +26,11 @@ CONTRACT_COLUMNS = ("dataset", "weights", "method", "lr_selected", "n_subjects",
 # Extra columns, after the contract ones; true_ce_pct_mean and true_ce_p_vs_base (Wilcoxon of the
 # per-subject true calibration error against the base model) only when some run has true_ce.
 EXTRA_COLUMNS = ("dice_p_vs_base", "ece_p_vs_base", "protocol", "select_by", "p_adjust")
-#: The paper's methods in its order, then ours (temperature and the methods beyond the paper).
-METHOD_ORDER = ("base", "platt", "auxiliary", "finetune", "mc_decoder", "mc_center", "temperature",
-                "lts", "beta", "histogram_binning", "isotonic", "tta")
-WEIGHTS_ORDER = ("CE", "CE-SD", "SD")
-BASE_METHOD = "base"
+#: The method label of the base model's rows: the stage's name (its runs are the base stage's).
+BASE_METHOD = BASE
+#: The base model, then the paper's methods in its order, then those beyond the paper.
+METHOD_ORDER = (BASE_METHOD, *METHODS)
+WEIGHTS_ORDER = BASE_WEIGHTS
 METRICS = ("dice", "ece")
 
 

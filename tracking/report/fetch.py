@@ -26,6 +26,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from calib.vocabulary import BASE, CALIBRATE
 from tracking import schema as S
 from tracking.report.errors import ReportArgumentError, ReportError, WarningLog
 from tracking.runs import search_runs
@@ -33,7 +34,7 @@ from tracking.store import local_store_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # in the working directory, as the sweep's default
 SCOPES = ("sweep", "experiment")
-REPORT_STAGES = ("base", "calibrate")
+REPORT_STAGES = (BASE, CALIBRATE)
 PER_SUBJECT_FILE = S.PER_SUBJECT
 RELIABILITY_FILE = S.RELIABILITY_BINS
 PER_SUBJECT_COLUMNS = S.PER_SUBJECT_COLUMNS
