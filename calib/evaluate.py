@@ -1,5 +1,5 @@
 """Per-subject evaluation of foreground probabilities: the rows of per_subject.csv and
-reliability_bins.csv (DESIGN.md, MLflow artifacts)."""
+reliability_bins.csv (docs/architecture.md, "Trial CSVs")."""
 
 from __future__ import annotations
 

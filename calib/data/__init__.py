@@ -1,8 +1,9 @@
 """Datasets for the calibration study: discover, check, preprocess and cache subjects; folds; phantoms.
 
-Public API (binding, see INTERFACES.md): ``SUPPORTED_DATASETS``, ``write_phantoms``,
-``check_dataset`` / ``CheckReport`` / ``Problem``, ``preprocess_dataset``, ``load_subject`` /
-``Subject``, ``read_meta``, ``make_folds`` / ``read_folds`` (and ``write_folds``), ``DataError``.
+Public API (what the sweep and the tests import; formats in docs/architecture.md, "File formats"):
+``SUPPORTED_DATASETS``, ``write_phantoms``, ``check_dataset`` / ``CheckReport`` / ``Problem``,
+``preprocess_dataset``, ``load_subject`` / ``Subject``, ``read_meta``, ``make_folds`` /
+``read_folds`` (and ``write_folds``), ``DataError``.
 Command line: ``python -m calib.data {phantom,check,preprocess,folds} --help``.
 torch and MONAI are imported only when a subject is actually preprocessed.
 """

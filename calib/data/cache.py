@@ -1,10 +1,11 @@
 """The preprocessed cache: its key, its folder, and reading subjects back.
 
 A cache folder ``<out>/<dataset>-<key[:16]>/`` holds ``<subject_id>.npz`` and ``meta.json``
-(DESIGN.md contract). The key is a SHA-256 over the preprocessing config and the identity of every
-source file read (path relative to the root, size, modification time), so a changed config or a
-changed source file gets a new folder and never mixes with an old one. The folder appears in one
-rename after every file in it is complete, so a folder that exists with ``meta.json`` is whole.
+(docs/architecture.md, "Preprocessed cache"). The key is a SHA-256 over the preprocessing config
+and the identity of every source file read (path relative to the root, size, modification time),
+so a changed config or a changed source file gets a new folder and never mixes with an old one.
+The folder appears in one rename after every file in it is complete, so a folder that exists with
+``meta.json`` is whole.
 
 Since cache format 2 (``preprocess.FORMAT_VERSION``) the ``.npz`` members are *stored*, not
 deflated (:func:`write_subject`): a paper-size BraTS subject is ~27 MB on disk instead of ~3 MB,

@@ -21,7 +21,7 @@ state_dict is the same for every setting and base weights load into any of them)
 * ``"center"`` (MC-Center): after the lowest two encoder blocks (the bottom block and the one
   above it) and before the lowest two decoder blocks. The paper's text says "two"; its public
   code's index arithmetic also drops out after the encoder block one level higher (three encoder
-  sites for 4 levels). We follow the text, as DESIGN.md does.
+  sites for 4 levels). We follow the text (docs/fidelity.md, "MC-Center sites").
 
 An active site drops out whenever its setting is on, in ``train()`` *and* ``eval()`` mode, because
 MC inference samples in eval mode (instance norm has no running statistics, so eval changes

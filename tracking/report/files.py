@@ -10,8 +10,8 @@ DISPERSION = "subject_dispersion.csv"
 REPORT = "report.md"
 FILE_DESCRIPTIONS = {
     RESULTS: "one row per dataset × weights × method: selected LR, subjects, mean Dice, mean ECE %, "
-             "p vs best, bold, Pareto (DESIGN.md contract), then p vs base, protocol, selection "
-             "rule, p adjustment, true CE % on phantoms",
+             "p vs best, bold, Pareto (docs/architecture.md, Report), then p vs base, protocol, "
+             "selection rule, p adjustment, true CE % on phantoms",
     HEADLINE: "per dataset × weights: the base model's ECE % and true CE %, the best post hoc "
               "method's (lowest ECE), and the Wilcoxon verdict against the base model",
     "slices_<dataset>.png": "one test subject's slice: image, label, p*, base and best calibrated "

@@ -65,8 +65,8 @@ def pareto_front(dice: Sequence[float], ece: Sequence[float]) -> np.ndarray:
     """Boolean mask of non-dominated points (Dice higher is better, ECE lower is better).
 
     Point i is dominated when some other point j has ece_j ≤ ece_i and dice_j ≥ dice_i with one of
-    them strict (DESIGN.md, results_long.csv). Identical points do not dominate each other; a point
-    with a NaN coordinate is never on the front.
+    them strict (docs/architecture.md, "Report"). Identical points do not dominate each other; a
+    point with a NaN coordinate is never on the front.
     """
     d = np.asarray(dice, dtype=float)
     e = np.asarray(ece, dtype=float)
