@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from calib.data.batches import VolumeBatches
 from calib.evaluate import evaluate_subjects
 from calib.guard import GuardReport, check_degenerate
 from calib.preview import keep_first_preview
@@ -51,7 +52,6 @@ from calib.losses import LOSSES
 from calib.methods import SubjectSet, build_method
 from calib.methods.network_based import load_weights, save_weights, unet_probability
 from calib.methods.params import BASE_WEIGHTS, MethodError, closest
-from calib.methods.volumes import VolumeBatches
 from calib.nets import UNet3D, UNetConfig
 from calib.training import EpochResult, FitResult, TrainConfig, fit
 

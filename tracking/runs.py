@@ -24,9 +24,7 @@ Guarantees the sweep relies on:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from calib import atomic_io
 from tracking import schema
 
 RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
@@ -359,14 +358,10 @@ def fetch_artifacts(client: MlflowClient, run_id: str, artifact_path: str, cache
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(artifact_path).name}-", dir=target.parent))
+    tmp = atomic_io.temp_folder(target)
     try:
         local = Path(client.download_artifacts(run_id, artifact_path, str(tmp)))
-        try:
-            os.replace(local, target)
-        except OSError:
-            if not target.exists():  # not a lost race: a real error
-                raise
+        atomic_io.move_into_place(local, target)  # a lost race leaves the winner's copy
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

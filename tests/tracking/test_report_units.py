@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tracking.report.atomic import write_text
+from calib.atomic_io import atomic_write, write_text
 from tracking.report.dispersion import bin_summary, dispersion_table, subject_accuracy
 from tracking.report.errors import ReportError, WarningLog
 from tracking.report.fetch import TrialRun, redact_uri
@@ -125,10 +125,8 @@ def test_small_helpers(tmp_path):
     def bad(_):
         raise Boom
 
-    from tracking.report import atomic
-
     with pytest.raises(Boom):
-        atomic._atomic(target, bad)
+        atomic_write(target, bad)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
