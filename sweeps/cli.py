@@ -7,7 +7,7 @@ from pathlib import Path
 import sys
 
 from sweeps.config import DATA_ROOT_ENV, SEARCHES, builtin_grids
-from sweeps.launcher import EXIT_USAGE, LaunchOptions, launch
+from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
 
 
 class _Parser(argparse.ArgumentParser):

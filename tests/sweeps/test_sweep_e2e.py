@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeps.config import load_grid
 from sweeps.data_prep import prepare_dataset
-from sweeps.launcher import LaunchOptions, git_commit, launch
+from sweeps.launch_sweep import LaunchOptions, git_commit, launch
 from sweeps.plan import expand
 from tracking import schema
 
