@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from tracking import schema as S
 from tracking.report.errors import ReportArgumentError, ReportError, WarningLog
-from tracking.runs import search_runs
+from tracking.runs import FINISHED, search_runs
 from tracking.store import local_store_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # in the working directory, as the sweep's default
@@ -185,7 +185,7 @@ def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None 
     for run in search_runs(client, exp_id, filt):
         if run.data.tags.get(S.STAGE) not in REPORT_STAGES:
             continue  # pretrain runs are not in the tables
-        if run.info.status != "FINISHED":
+        if run.info.status != FINISHED:
             ignored[run.info.status] = ignored.get(run.info.status, 0) + 1
             try:  # only to name the hole it leaves; a failed run may lack tags
                 trials.append(_parse_trial(run))
@@ -197,7 +197,7 @@ def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None 
     newest: dict[str, TrialRecord] = {}
     superseded = 0
     for t in trials:
-        if t.status != "FINISHED":
+        if t.status != FINISHED:
             continue
         old = newest.get(t.trial_key)
         if old is not None:
