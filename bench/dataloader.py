@@ -5,7 +5,7 @@ them with the real pipeline and cache writer to the paper's 136x136x82 at 2 mm (
 ~24 MB of float32 per subject). Then, in one process, interleaved, best of ``--repeats``:
 
 * ``old``: the loader this one replaced -- ``load_subject`` of a compressed ``.npz`` (format 1,
-  written here with ``atomic.save_npz``) for every volume of every epoch, in the training thread
+  written here with ``atomic_io.save_npz``) for every volume of every epoch, in the training thread
   (its 2 GiB memory budget kept ~37 % of a paper-size fold; this is its path for the rest);
 * ``new``: ``calib.data.batches.VolumeBatches`` on the uncompressed format-2 cache (raw reads into the batch), with 0 and
   with 2 worker processes (workers start and end with each epoch, as in training); on CUDA the
@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calib.data import load_subject, preprocess_dataset, read_meta, write_phantoms  # noqa: E402
-from calib.data.atomic import save_npz, write_json  # noqa: E402
+from calib.atomic_io import save_npz, write_json  # noqa: E402
 from calib.data.batches import VolumeBatches, default_workers  # noqa: E402
 from calib.nets import UNet3D, UNetConfig  # noqa: E402
 

@@ -35,7 +35,8 @@ from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calib.logits import SliceBatches, write_subject_logits  # noqa: E402
+from calib.data.batches import SliceBatches  # noqa: E402
+from calib.logits import write_subject_logits  # noqa: E402
 from calib.methods import build_method  # noqa: E402
 from calib.methods.mc_dropout import mc_probability  # noqa: E402
 from calib.nets import UNet3D, UNetConfig, count_parameters  # noqa: E402

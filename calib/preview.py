@@ -62,9 +62,9 @@ def keep_first_preview(predict: Callable, store: dict) -> Callable:
 
 def save_preview(preview: dict, path: Path) -> Path:
     """Write a preview as a compressed ``.npz`` (a few KB), atomically."""
-    from calib.data import atomic
+    from calib.atomic_io import save_npz
 
-    atomic.save_npz(Path(path), **preview)
+    save_npz(Path(path), **preview)
     return Path(path)
 
 

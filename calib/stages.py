@@ -43,24 +43,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from calib.data.batches import VolumeBatches
 from calib.evaluate import evaluate_subjects
 from calib.guard import GuardReport, check_degenerate
 from calib.preview import keep_first_preview
+from calib.stage_files import CHECKPOINT_NAME, LOGITS_DIRNAME, METHOD_NAME, WEIGHTS_NAME
 from calib.logits import export_logits
 from calib.losses import LOSSES
 from calib.methods import SubjectSet, build_method
 from calib.methods.network_based import load_weights, save_weights, unet_probability
 from calib.methods.params import MethodError, closest
-from calib.methods.volumes import VolumeBatches
 from calib.nets import UNet3D, UNetConfig
 from calib.training import EpochResult, FitResult, TrainConfig, fit
 from calib.vocabulary import BASE_WEIGHTS, PROTOCOLS
 
 SPLITS = ("train", "val", "calib", "test")
-CHECKPOINT_NAME = "checkpoint.pt"
-WEIGHTS_NAME = "weights.pt"
-METHOD_NAME = "method.pt"
-LOGITS_DIRNAME = "logits"
 
 Callback = Callable[[EpochResult], None]
 
@@ -313,7 +310,7 @@ def run_base(weights: str, net_cfg: UNetConfig, train_cfg: TrainConfig, split: F
     logits = export_logits(model, split.cache_dir, split.all_ids(), work_dir / LOGITS_DIRNAME,
                            torch.device(device), source={"weights_sha256": _sha256(stage.weights)})
     model.cpu()
-    stage.extra_artifacts["logits"] = logits
+    stage.extra_artifacts[LOGITS_DIRNAME] = logits
     stage.guard = guard_model(logits, split.val_ids)
     return stage
 

@@ -8,7 +8,7 @@ The loop is generic: it trains any ``nn.Module`` with a caller-supplied ``loss_f
 3. steps ``ReduceLROnPlateau`` (x ``lr_factor`` after ``lr_patience`` epochs without a relative
    improvement of ``min_rel_improvement``) and the early-stopping counter (stop after
    ``early_stop_patience`` such epochs, as Keras' ``EarlyStopping(min_delta)``),
-4. writes a checkpoint atomically (tmp file + ``os.replace``) holding everything needed to
+4. writes a checkpoint atomically (``calib.atomic_io``) holding everything needed to
    continue bit-identically: weights, optimizer, scheduler, early-stopping state, best weights,
    history and the torch / CUDA / numpy / python RNG states,
 5. calls the callbacks (after the checkpoint, so a callback that stops the process loses nothing).
@@ -22,7 +22,6 @@ RNGs (which ``fit`` seeds with ``cfg.seed`` on a fresh start and restores on res
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from calib.atomic_io import atomic_open
 from calib.schedule import TrainConfig
 
 CHECKPOINT_VERSION = 1
@@ -115,18 +115,10 @@ def _seed_all(seed: int, device: torch.device) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save(obj)`` to ``path`` via a fsynced tmp file + ``os.replace`` (never half-written)."""
+    """``torch.save(obj)`` to ``path`` atomically (calib.atomic_io: never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:

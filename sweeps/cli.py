@@ -7,7 +7,7 @@ from pathlib import Path
 import sys
 
 from sweeps.config import DATA_ROOT_ENV, SEARCHES, builtin_grids
-from sweeps.launcher import EXIT_USAGE, LaunchOptions, launch
+from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optuna: pick the MC learning rates by TPE over log-uniform "
                         "[1e-5, 1e-3] with the grid's budget")
     p.add_argument("--max-concurrent", type=_positive_int, help="at most N trials at once")
-    p.add_argument("--work-dir", help="cache, Ray results and report folder (default: the grid's, calib_store)")
-    p.add_argument("--storage-path", help="Ray Tune checkpoint storage; shared by all nodes "
+    p.add_argument("--work-dir", help="cache, trial checkpoints, Ray results and report folder; shared "
+                                      "by all nodes (default: the grid's, calib_store)")
+    p.add_argument("--storage-path", help="Ray Tune's results storage; shared by all nodes "
                                           "(default <work-dir>/ray_results)")
     p.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--force-concurrent", action="store_true",

@@ -4,7 +4,7 @@ Per-epoch seconds for each dataset x stage/method come from the training-step th
 ``bench/unet.py --json`` measured on the target device (``--throughput FILE``), else from the
 documented defaults below; a trial's epochs are drawn around ``epoch_fraction`` x its grid
 ``max_epochs`` (early stopping). Pure Python: ``bench/schedule.py`` feeds the result to
-``sweeps.simulate``, and the launcher's estimate can reuse it.
+``sweeps.simulate``, and the launch's estimate can reuse it.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ read it directly.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from calib import atomic_io
 from sweeps.config import DatasetSpec, GridConfig
 
 
@@ -59,9 +59,7 @@ def ensure_phantoms(spec: DatasetSpec) -> None:
                                 f"{want}: delete {spec.root} (and {marker}) to regenerate them")
         return  # written before (or real data the user put there)
     write_phantoms(spec.name, spec.root, ph.subjects, ph.seed, ph.shape)
-    tmp = marker.with_name(marker.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(want, sort_keys=True))
-    os.replace(tmp, marker)
+    atomic_io.write_text(marker, json.dumps(want, sort_keys=True))
 
 
 def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) -> PreparedData:

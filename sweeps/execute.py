@@ -6,13 +6,14 @@ models of fold 0 train while fold 3 still pretrains, a calibration starts once i
 exists (:mod:`sweeps.graph`). One ``tune.Tuner`` runs them all: its searcher
 (:class:`sweeps.graph.GraphSearcher`) suggests only ready trials, each with its own resources
 (``tune.with_resources``), retried ``max_failures`` times and resumed from its last per-epoch
-checkpoint inside its MLflow run; with ``--search optuna`` each group of samples is suggested by
-its :class:`sweeps.search.PlanSearcher` once its base model finished. A trial whose upstream
+checkpoint (sweeps.resume) inside its MLflow run; with ``--search optuna`` each group of samples
+is suggested by its :class:`sweeps.search.PlanSearcher` once its base model finished. A trial whose upstream
 failed is skipped; its dependants too.
 
 As each trial ends, the MLflow run is the record: a trial counts as FINISHED only if its run is
 (it reports so with its run id after closing the run); otherwise the run is read back, and a run
-a crashed worker left RUNNING is ended FAILED with Ray's error in ``calib.error``. A downstream
+a crashed worker left RUNNING is ended FAILED with Ray's error in ``calib.error``
+(tracking.runs.reconcile_trial). A downstream
 trial gets its upstream's FINISHED run id in its Tune config (``upstream_run_id``) and downloads
 the upstream artifacts from that run.
 """
@@ -20,24 +21,21 @@ the upstream artifacts from that run.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TextIO
 
 from sweeps.config import GridConfig, Resources
 from sweeps.plan import Plan, TrialSpec
-from sweeps.trainable import (ERROR_METRIC, PROGRESS_FILE, RUN_ID_METRIC, STATUS_METRIC, TrialContext, run_trial,
-                              trial_tags)
+from sweeps.trainable import ERROR_METRIC, RUN_ID_METRIC, STATUS_METRIC, TrialContext, run_trial, trial_tags
+from tracking import schema
+from tracking.runs import TrialOutcome
 
-FINISHED, FAILED, SKIPPED, DONE_BEFORE = "FINISHED", "FAILED", "SKIPPED", "DONE_BEFORE"
-ELSEWHERE = "ELSEWHERE"  # claimed by another live launch (--force-concurrent), or below such a trial
-# Names of the final metrics as a trial reports them to Tune (tracking.schema's).
-DICE_METRIC, ECE_METRIC, COMPUTE_METRIC = "dice_mean", "ece_mean", "compute_seconds"
+FINISHED, FAILED, SKIPPED = TrialOutcome.FINISHED, TrialOutcome.FAILED, TrialOutcome.SKIPPED
+DONE_BEFORE, ELSEWHERE = TrialOutcome.DONE_BEFORE, TrialOutcome.ELSEWHERE
 
 
 @dataclass
@@ -45,7 +43,7 @@ class Outcome:
     """What became of one planned trial in this launch."""
 
     spec: TrialSpec
-    status: str  # FINISHED | FAILED | SKIPPED | DONE_BEFORE (finished by another launch) | ELSEWHERE
+    status: TrialOutcome
     run_id: str | None = None
     error: str = ""
     compute_seconds: float = 0.0
@@ -60,7 +58,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None, verbose: bool 
     """
     import ray
 
-    # Per-epoch checkpoints force an experiment snapshot (num_to_keep=1): expected, not a problem.
+    # Per-epoch results force an experiment snapshot: expected, not a problem. (The trials'
+    # checkpoints are not Tune's: sweeps.resume keeps them.)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # The legacy reporter is silent at verbose=0; our callback prints one line per trial.
     # Ctrl-C must abort the launch (Tune's own handler would end only the current wave).
@@ -192,30 +191,6 @@ def _trial_dirname(trial) -> str:
     return f"{s['stage']}-{s['method']}-{s['key'][:12]}-{trial.trial_id}"
 
 
-def find_resume_checkpoints(storage: str, keys: Iterable[str]) -> dict[str, str]:
-    """Checkpoints earlier launches left in Tune's storage for ``keys``: key -> folder.
-
-    Each checkpoint folder holds ``progress.json`` naming its trial key and epoch; the latest
-    epoch per key wins. Lets a ``--resume`` after a crashed driver continue mid-training. Only
-    for storage on a file system (a shared volume); with cloud storage trials restart their epoch
-    loop, still without duplicate runs.
-    """
-    wanted = set(keys)
-    best: dict[str, tuple[int, str]] = {}
-    if "://" in storage or not Path(storage).is_dir():
-        return {}
-    storage = Path(storage)
-    for progress in storage.glob(f"*/*/checkpoint_*/{PROGRESS_FILE}"):
-        try:
-            info = json.loads(progress.read_text())
-        except (OSError, ValueError):
-            continue
-        key, epoch = info.get("trial_key"), int(info.get("epoch", -1))
-        if key in wanted and epoch > best.get(key, (-2, ""))[0]:
-            best[key] = (epoch, str(progress.parent))
-    return {k: v for k, (_, v) in best.items()}
-
-
 # ---- the graph ---------------------------------------------------------------------------------
 
 @dataclass
@@ -224,6 +199,7 @@ class ExecutionSettings:
 
     storage_path: str  # Tune's storage: a path every node sees, or a URI (s3://...)
     launch_name: str
+    checkpoint_dir: str | None = None  # sweeps.resume's checkpoint index (None: no mid-training resume)
     max_failures: int = 2
     max_concurrent: int | None = None
     stage_runner: Callable | None = None
@@ -284,12 +260,11 @@ class Executor:
             if t.key in self.done_before:
                 run = self.done_before[t.key]
                 self.outcomes[t.key] = Outcome(t, DONE_BEFORE, run.info.run_id,
-                                               compute_seconds=run.data.metrics.get("compute_seconds", 0.0))
+                                               compute_seconds=run.data.metrics.get(schema.COMPUTE_SECONDS, 0.0))
         self.total = len(todo)
         runnable = self._skip_unusable_data(todo)
         if runnable:
-            resume = find_resume_checkpoints(self.settings.storage_path, [t.key for t in runnable])
-            self._run_graph(runnable, resume)
+            self._run_graph(runnable)
         return self.outcomes
 
     # ---- lines -------------------------------------------------------------------------------
@@ -321,7 +296,7 @@ class Executor:
 
     # ---- Tune --------------------------------------------------------------------------------
 
-    def _run_graph(self, trials: list[TrialSpec], resume: dict[str, str]) -> None:
+    def _run_graph(self, trials: list[TrialSpec]) -> None:
         from ray import tune
 
         from sweeps.graph import GraphSearcher, TrialGraph
@@ -329,8 +304,7 @@ class Executor:
         s = self.settings
         self.graph = TrialGraph(trials, {k: r.info.run_id for k, r in self.done_before.items()})
         searcher = GraphSearcher(self.graph, self._optuna_group)
-        ctx = replace(self.ctx, resume_checkpoints={t.key: resume[t.key] for t in trials if t.key in resume},
-                      stage_runner=s.stage_runner)
+        ctx = replace(self.ctx, checkpoint_dir=s.checkpoint_dir, stage_runner=s.stage_runner)
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _resources)
         # max_concurrent_trials wraps the searcher in Tune's ConcurrencyLimiter. Trials start in
         # the order they were suggested, so the ready queue's order holds but for the few
@@ -341,7 +315,6 @@ class Executor:
         run_config = tune.RunConfig(
             name=s.launch_name, storage_path=str(s.storage_path),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=0, callbacks=[_make_callback(self)])
         # Tune keeps one trial PENDING beside the running ones for a custom searcher; one per
         # slot lets every slot's actor start at once (and an autoscaler see the demand).
@@ -366,7 +339,7 @@ class Executor:
             if t.key in self.outcomes:
                 continue
             up = self.outcomes.get(t.upstream) if t.upstream else None
-            if t.upstream and (up is None or up.status not in (FINISHED, DONE_BEFORE)):
+            if t.upstream and (up is None or not up.status.finished):
                 self._skip(t, f"upstream {self.plan.by_key[t.upstream].label} did not finish")
                 continue
             self.trial_ended(t, {}, tune_errors.get(t.key, ""))
@@ -378,11 +351,11 @@ class Executor:
         o = self._settle(spec, result, error)
         self.outcomes[spec.key] = o
         self.done += 1
-        if o.status in (FINISHED, DONE_BEFORE):
+        if o.status.finished:
             extra = f"  ({o.error})" if o.status == DONE_BEFORE else ""
-            if o.status == FINISHED and DICE_METRIC in result:
-                extra = (f"  dice {result[DICE_METRIC]:.3f}  ece {result.get(ECE_METRIC, float('nan')):.4f}"
-                         f"  {o.compute_seconds:.1f} s")
+            if o.status == FINISHED and schema.DICE_MEAN in result:
+                extra = (f"  dice {result[schema.DICE_MEAN]:.3f}  "
+                         f"ece {result.get(schema.ECE_MEAN, float('nan')):.4f}  {o.compute_seconds:.1f} s")
             self.line("FINISHED" if o.status == FINISHED else "DONE", spec.label, extra)
             self.graph.finished(spec.key, o.run_id, o.compute_seconds if o.status == FINISHED else None, spec)
             return
@@ -400,38 +373,19 @@ class Executor:
     def _settle(self, spec: TrialSpec, result: Mapping, error: str | None) -> Outcome:
         """FINISHED when the trial reported its run closed FINISHED; DONE_BEFORE / ELSEWHERE when
         another launch claimed it (tracking.runs.claimed_elsewhere); otherwise the MLflow run is
-        read back and, if a crashed worker left it RUNNING, ended FAILED with Tune's error."""
+        read back and, if a crashed worker left it RUNNING, ended FAILED with Tune's error
+        (tracking.runs.reconcile_trial)."""
+        from tracking.runs import reconcile_trial
+
         run_id, status = result.get(RUN_ID_METRIC), result.get(STATUS_METRIC)
-        if not error and run_id and status == f"{FINISHED}_ELSEWHERE":
-            return Outcome(spec, DONE_BEFORE, run_id, error=str(result.get(ERROR_METRIC, "")))
-        if not error and run_id and status == "RUNNING_ELSEWHERE":
-            return Outcome(spec, ELSEWHERE, run_id, error=str(result.get(ERROR_METRIC, "")))
+        if not error and run_id and status in (DONE_BEFORE, ELSEWHERE):
+            return Outcome(spec, TrialOutcome(status), run_id, error=str(result.get(ERROR_METRIC, "")))
         if not error and status == FINISHED and run_id:
-            return Outcome(spec, FINISHED, run_id, compute_seconds=float(result.get(COMPUTE_METRIC) or 0.0))
-        return self._reconcile(spec, error or "")
-
-    def _reconcile(self, t: TrialSpec, error: str) -> Outcome:
-        """Read the trial's run back; close what a crashed worker left open (module doc)."""
-        from tracking import schema
-        from tracking.runs import RUNNING, create_failed_run, fail_run, find_trial_run
-
-        run = find_trial_run(self.client, self.ctx.experiment_id, self.ctx.parent_run_id, t.key)
-        if run is None:
-            message = error or "the trial never started (no MLflow run)"
-            run_id = create_failed_run(self.client, self.ctx.experiment_id, self.ctx.parent_run_id,
-                                       t.key, trial_tags(t), t.label, message)
-            return Outcome(t, FAILED, run_id, message)
-        run_id, status = run.info.run_id, run.info.status
-        err = run.data.tags.get(schema.ERROR) or error or status
-        if status == RUNNING:
-            # A worker that tagged its error but could not end the run: keep its message.
-            err = error or run.data.tags.get(schema.ERROR) or "the trial ended without closing its run"
-            fail_run(self.client, run_id, err)
-            status = FAILED
-        seconds = run.data.metrics.get("compute_seconds", 0.0)
-        if status == FINISHED:
-            return Outcome(t, FINISHED, run_id, compute_seconds=seconds)
-        return Outcome(t, FAILED, run_id, err, compute_seconds=seconds)
+            return Outcome(spec, FINISHED, run_id,
+                           compute_seconds=float(result.get(schema.COMPUTE_SECONDS) or 0.0))
+        end = reconcile_trial(self.client, self.ctx.experiment_id, self.ctx.parent_run_id, spec.key,
+                              trial_tags(spec), spec.label, error or "")
+        return Outcome(spec, end.outcome, end.run_id, end.error, end.compute_seconds)
 
     # ---- Optuna ------------------------------------------------------------------------------
 
@@ -453,8 +407,8 @@ class Executor:
             run = self.done_before.get(t.key)
             if run is None or t.search_group not in groups:
                 continue
-            lr = run.data.tags.get("calib.lr")
-            loss = run.data.metrics.get("best_val_loss")
+            lr = run.data.tags.get(schema.LR)
+            loss = run.data.metrics.get(schema.BEST_VAL_LOSS)
             if lr and loss is not None:
                 prior.setdefault(t.search_group, []).append((float(lr), float(loss)))
         return prior

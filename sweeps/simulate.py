@@ -1,6 +1,6 @@
 """A plan on paper: list schedules of trials with known durations on N GPUs, two policies.
 
-Pure Python (no Ray): ``bench/schedule.py`` and the launcher's estimate use it before anything
+Pure Python (no Ray): ``bench/schedule.py`` and the launch's estimate use it before anything
 runs; the durations come from ``sweeps.cost_model.CostModel``. :func:`simulate` places the
 trials on ``gpus`` devices, each trial holding its ``resources.gpu`` share (1, 0.5, 0.25 in the
 paper grid) of *one* device (best fit, as Ray packs fractional GPUs), under

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sweeps.plan import TrialSpec
+from tracking import schema
 
 if TYPE_CHECKING:
     from calib.stages import StageResult
 
-#: Upstream artifacts each stage needs, by name -> artifact path in the upstream run.
-WEIGHTS_ARTIFACT = "weights/weights.pt"
-LOGITS_ARTIFACT = "logits"
+#: Upstream artifacts each stage needs: artifact paths in the upstream run (tracking.schema).
+WEIGHTS_ARTIFACT = schema.WEIGHTS_FILE
+LOGITS_ARTIFACT = schema.LOGITS_DIR
 
 
 def upstream_needs(spec: TrialSpec) -> tuple[str, ...]:

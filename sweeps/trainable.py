@@ -4,13 +4,13 @@
 
 1. opens the trial's MLflow run -- or re-opens it when Ray retries or restores the trial, so a
    trial never has two runs (tracking.runs.TrialRun.open);
-2. restores the stage's ``work_dir/checkpoint.pt`` from the last Ray checkpoint (a retried trial)
-   or from a checkpoint an earlier launch left (``--resume`` after a crash), so training continues
-   mid-way instead of from epoch 0;
+2. restores the stage's ``work_dir/checkpoint.pt`` from the trial key's latest checkpoint
+   (sweeps.resume.CheckpointIndex: an earlier attempt that Ray retried, or an earlier launch that
+   crashed), so training continues mid-way instead of from epoch 0;
 3. downloads the upstream artifacts (base weights, exported logits) from the upstream trial's
    MLflow run -- never from a path on another node;
-4. runs the stage (sweeps.stage_runner), logging ``train_loss`` / ``val_loss`` per epoch and
-   reporting each epoch to Tune with a checkpoint of the stage's state;
+4. runs the stage (sweeps.stage_runner), logging ``train_loss`` / ``val_loss`` per epoch,
+   recording the stage's checkpoint in the index and reporting each epoch to Tune;
 5. logs the final metrics and artifacts and ends the run FINISHED -- or FAILED with
    ``calib.error``.
 
@@ -22,7 +22,6 @@ is raised so that Ray retries the trial (FailureConfig.max_failures).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -32,13 +31,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from calib.stage_files import CHECKPOINT_NAME as CHECKPOINT_FILE  # what a stage resumes from
 from sweeps.plan import TrialSpec
+from sweeps.resume import CheckpointIndex, Restored
+from tracking import schema
+from tracking.runs import TrialOutcome, error_message
 
-CHECKPOINT_FILE = "checkpoint.pt"  # what calib.stages resumes from, in its work_dir
-PROGRESS_FILE = "progress.json"  # beside it in a Ray checkpoint: trial key, epoch, compute seconds
-STATUS_METRIC = "calib_status"  # FINISHED / FAILED, in the last result a trial reports to Tune
+# In the last result a trial reports to Tune: its outcome (a tracking.runs.TrialOutcome: FINISHED,
+# FAILED, or DONE_BEFORE / ELSEWHERE when another launch claims it), the error, and beside
+# FINISHED the trial's MLflow run id, for its dependants.
+STATUS_METRIC = "calib_status"
 ERROR_METRIC = "calib_error"
-RUN_ID_METRIC = "calib_run_id"  # beside FINISHED: the trial's MLflow run, for its dependants
+RUN_ID_METRIC = "calib_run_id"
 UPSTREAM_RUN_CONFIG = "upstream_run_id"  # in a trial's Tune config: its upstream's FINISHED run
 
 
@@ -47,8 +51,9 @@ class TrialContext:
     """What every trial of a launch shares (sent once to the workers with tune.with_parameters).
 
     ``data``: dataset -> PreparedData.to_dict(); ``upstream_runs``: upstream trial key -> the
-    MLflow run id of its FINISHED run; ``resume_checkpoints``: trial key -> folder of a checkpoint
-    an earlier launch reported; ``stage_runner``: replaces sweeps.stage_runner.run_stage (tests).
+    MLflow run id of its FINISHED run; ``checkpoint_dir``: the sweeps.resume checkpoint index
+    (None: every attempt starts at epoch 0); ``stage_runner``: replaces
+    sweeps.stage_runner.run_stage (tests).
     """
 
     tracking_uri: str
@@ -56,16 +61,14 @@ class TrialContext:
     parent_run_id: str
     data: dict[str, dict]
     upstream_runs: dict[str, str] = field(default_factory=dict)
-    resume_checkpoints: dict[str, str] = field(default_factory=dict)
+    checkpoint_dir: str | None = None
     stage_runner: Callable | None = None
     run_tags: dict[str, str] = field(default_factory=dict)  # on every trial run: its source
     system_metrics: bool = False  # log system/* metrics of each trial (tracking.models)
 
 
 def trial_tags(spec: TrialSpec) -> dict[str, str]:
-    """The DESIGN.md tags of a trial run (role, key and parent are added by TrialRun.open)."""
-    from tracking import schema
-
+    """The tags of a trial run (docs/architecture.md, "Trial run"; role, key and parent are added by TrialRun.open)."""
     tags = {schema.STAGE: spec.stage, schema.DATASET: spec.dataset, schema.WEIGHTS: spec.weights,
             schema.METHOD: spec.method, schema.FOLD: str(spec.fold), schema.LR: spec.lr_tag,
             schema.PROTOCOL: spec.config["data"]["protocol"]}
@@ -78,66 +81,30 @@ def trial_tags(spec: TrialSpec) -> dict[str, str]:
 
 def is_permanent(exc: BaseException) -> bool:
     """True for errors a retry would hit again (bad input, diverging training)."""
-    try:
-        from calib.training import TrainingError
-    except ImportError:  # pragma: no cover - calib is a dependency of the sweep
-        TrainingError = ()  # noqa: N806
+    from calib.training import TrainingError
+
     return isinstance(exc, (ValueError, TrainingError))
 
 
 class _EpochReporter:
-    """The stages' per-epoch callback: MLflow metrics, then a Tune report with a checkpoint."""
+    """The stages' per-epoch callback: MLflow metrics, the checkpoint index, then a Tune report."""
 
-    def __init__(self, run, spec: TrialSpec, work_dir: Path, scratch: Path, clock: Callable[[], float]):
-        self.run, self.spec, self.work_dir, self.scratch, self.clock = run, spec, work_dir, scratch, clock
+    def __init__(self, run, spec: TrialSpec, work_dir: Path, index: CheckpointIndex | None,
+                 clock: Callable[[], float]):
+        self.run, self.spec, self.work_dir, self.index, self.clock = run, spec, work_dir, index, clock
         self.best = float("inf")
 
     def __call__(self, ep) -> None:
         from ray import tune
 
-        from tracking import schema
-
         self.run.log_epoch(ep.epoch, **{schema.TRAIN_LOSS: ep.train_loss, schema.VAL_LOSS: ep.val_loss,
                                         schema.EPOCH_LR: ep.lr})
-        ck = self.scratch / f"ckpt-{ep.epoch}"
-        ck.mkdir()
-        try:
-            src = self.work_dir / CHECKPOINT_FILE
-            if src.exists():  # fit() wrote it atomically before calling us
-                shutil.copy2(src, ck / CHECKPOINT_FILE)
-            (ck / PROGRESS_FILE).write_text(json.dumps(
-                {"trial_key": self.spec.key, "epoch": ep.epoch, "compute_seconds": self.clock()}))
-            # report() copies the folder to the run's storage before returning. Every result
-            # carries best_val_loss: a searcher (Optuna) requires its metric in each one.
-            self.best = min(self.best, float(ep.val_loss))
-            tune.report({"epoch": ep.epoch, "train_loss": ep.train_loss, "val_loss": ep.val_loss,
-                         "best_val_loss": self.best},
-                        checkpoint=tune.Checkpoint.from_directory(str(ck)))
-        finally:
-            shutil.rmtree(ck, ignore_errors=True)
-
-
-def _restore(work_dir: Path, resume_from: str | None) -> tuple[float, int | None]:
-    """Put the latest checkpoint into ``work_dir``: (compute seconds spent before it, its epoch
-    or None when starting afresh)."""
-    from ray import tune
-
-    def take(folder: Path) -> tuple[float, int | None]:
-        if (folder / CHECKPOINT_FILE).exists():
-            shutil.copy2(folder / CHECKPOINT_FILE, work_dir / CHECKPOINT_FILE)
-        progress = folder / PROGRESS_FILE
-        if not progress.exists():
-            return 0.0, None
-        info = json.loads(progress.read_text())
-        return float(info.get("compute_seconds", 0.0)), int(info.get("epoch", -1))
-
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as folder:
-            return take(Path(folder))
-    if resume_from and Path(resume_from).is_dir():
-        return take(Path(resume_from))
-    return 0.0, None
+        if self.index is not None:  # fit() wrote the checkpoint atomically before calling us
+            self.index.save(self.spec.key, self.work_dir / CHECKPOINT_FILE, ep.epoch, self.clock())
+        # Every result carries best_val_loss: a searcher (Optuna) requires its metric in each one.
+        self.best = min(self.best, float(ep.val_loss))
+        tune.report({"epoch": ep.epoch, schema.TRAIN_LOSS: ep.train_loss, schema.VAL_LOSS: ep.val_loss,
+                     schema.BEST_VAL_LOSS: self.best})
 
 
 def _fetch_upstream(client, ctx: TrialContext, spec: TrialSpec, needs, scratch: Path) -> dict[str, Path]:
@@ -166,8 +133,6 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
     """Final metrics and artifacts of a finished stage; returns the metrics."""
     import pandas as pd
 
-    from tracking import schema
-
     per_subject = result.per_subject
     metrics = {
         schema.DICE_MEAN: float(per_subject["dice"].mean()),
@@ -184,7 +149,7 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         metrics[schema.SECONDS_PER_EPOCH] = float(seconds) / epochs
     # every other per-subject metric the stage computed (brier, nll, true_ce, ...), as its mean
     for col in per_subject.columns:
-        if col in ("subject_id", "fold", "dice", "ece"):
+        if col in schema.PER_SUBJECT_COLUMNS:
             continue
         values = pd.to_numeric(per_subject[col], errors="coerce")
         if values.notna().any():
@@ -235,7 +200,6 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
 
     import torch
 
-    from tracking import schema
     from tracking.models import log_trial_lineage, system_metrics
     from tracking.runs import TrialRun
     from tracking.store import client as make_client
@@ -253,14 +217,12 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
     run = TrialRun.open(client, ctx.experiment_id, ctx.parent_run_id, spec.key, {**trial_tags(spec), **ctx.run_tags},
                         run_name=spec.label)
     if run.elsewhere:  # another live launch claims this trial key: it is not run here
-        tune.report({schema.BEST_VAL_LOSS: None, STATUS_METRIC: f"{run.elsewhere}_ELSEWHERE",
+        tune.report({schema.BEST_VAL_LOSS: None, STATUS_METRIC: run.elsewhere_outcome.value,
                      RUN_ID_METRIC: run.run_id, ERROR_METRIC: run.elsewhere_note})
         return
     if run.already_finished:  # finished by an earlier attempt that Ray then retried
-        metrics = client.get_run(run.run_id).data.metrics
-        tune.report({schema.BEST_VAL_LOSS: None,
-                     **{k: metrics.get(k) for k in schema.FINAL_METRICS if k in metrics},
-                     STATUS_METRIC: "FINISHED", RUN_ID_METRIC: run.run_id})
+        tune.report({schema.BEST_VAL_LOSS: None, **run.final_metrics(),
+                     STATUS_METRIC: TrialOutcome.FINISHED.value, RUN_ID_METRIC: run.run_id})
         return
 
     scratch = Path(tempfile.mkdtemp(prefix=f"calib-{spec.key[:10]}-"))
@@ -271,11 +233,12 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
                       schema.NODE_IP: ray.util.get_node_ip_address(), schema.WORKER_PID: os.getpid()})
         work_dir = scratch / "work"
         work_dir.mkdir()
-        before, resumed_epoch = _restore(work_dir, ctx.resume_checkpoints.get(spec.key))
-        if resumed_epoch is not None:
-            run.set_tags({schema.RESUMED_EPOCH: resumed_epoch})
+        index = CheckpointIndex(Path(ctx.checkpoint_dir)) if ctx.checkpoint_dir else None
+        restored = index.restore(spec.key, work_dir / CHECKPOINT_FILE) if index else Restored()
+        if restored.epoch is not None:
+            run.set_tags({schema.RESUMED_EPOCH: restored.epoch})
         start = time.monotonic()
-        clock = lambda: before + time.monotonic() - start  # noqa: E731
+        clock = lambda: restored.compute_seconds + time.monotonic() - start  # noqa: E731
         # The method's resolved parameters, with the LR a searcher chose where there is one.
         method_params = {**spec.config["params"], **({"lr": spec.lr} if spec.lr is not None else {})}
         run.log_params({"stage": spec.stage, "dataset": spec.dataset, "weights": spec.weights,
@@ -289,7 +252,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
         stage = ctx.stage_runner or run_stage
         with system_metrics(run.run_id, ctx.tracking_uri, ctx.system_metrics):
             result = stage(spec, ctx.data[spec.dataset], work_dir, upstream, device,
-                           [_EpochReporter(run, spec, work_dir, scratch, clock)])
+                           [_EpochReporter(run, spec, work_dir, index, clock)])
         metrics = _log_result(run, spec, result, clock())
         # MLflow's own view of the trial: its splits as datasets, its fitted model (tracking.models)
         log_trial_lineage(client, run.run_id, ctx.experiment_id,
@@ -298,17 +261,20 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
                           ctx.upstream_runs.get(spec.upstream or ""), scratch / "lineage")
         run.finish()
         finished = True
-        tune.report({**metrics, STATUS_METRIC: "FINISHED", RUN_ID_METRIC: run.run_id})
+        tune.report({**metrics, STATUS_METRIC: TrialOutcome.FINISHED.value, RUN_ID_METRIC: run.run_id})
     except BaseException as exc:  # also Ctrl-C / SystemExit (Tune stopping the trial): no RUNNING run
         if finished:  # the run is complete; a failing last report must not turn it FAILED
             raise  # (a retry finds it FINISHED and only reports it)
-        message = f"{type(exc).__name__}: {exc}"
+        # FAILED whatever the exception (not tracking.runs.error_status): Ray retries what is
+        # not permanent, re-opening this run; an aborted launch closes its own runs KILLED.
+        message = error_message(exc)
         try:
             run.fail(message)
         except Exception:  # noqa: BLE001 - the store is down too: the driver closes the run
             traceback.print_exc()
         if not (isinstance(exc, Exception) and is_permanent(exc)):
             raise  # Ray retries the trial (it re-opens this run and resumes from its checkpoint)
-        tune.report({STATUS_METRIC: "FAILED", ERROR_METRIC: message[:2000], schema.BEST_VAL_LOSS: None})
+        tune.report({STATUS_METRIC: TrialOutcome.FAILED.value, ERROR_METRIC: message[:2000],
+                     schema.BEST_VAL_LOSS: None})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from mlflow.tracking import MlflowClient
 
 from tracking import schema as S
-from tracking.runs import search_runs
+from tracking.runs import FINISHED, search_runs
 
 
 def degenerate_models(client: MlflowClient, experiment_id: str, trial_keys: Iterable[str]) -> list[dict]:
@@ -19,7 +19,7 @@ def degenerate_models(client: MlflowClient, experiment_id: str, trial_keys: Iter
     keys = set(trial_keys)
     found: dict[str, dict] = {}
     filt = (f"tags.`{S.ROLE}` = '{S.ROLE_TRIAL}' and tags.`{S.STAGE}` = 'base' "
-            f"and attributes.status = 'FINISHED'")
+            f"and attributes.status = '{FINISHED}'")
     for run in search_runs(client, experiment_id, filt):  # newest first
         tags = run.data.tags
         key = tags.get(S.TRIAL_KEY)

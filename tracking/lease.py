@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from mlflow.tracking import MlflowClient
 
 from tracking import schema
+from tracking.runs import RUNNING
 
 DEFAULT_TIMEOUT_S = 180.0
 HEARTBEAT_EVERY_S = 30.0
@@ -133,7 +134,7 @@ def lease_of(run, now: float | None = None) -> Lease:
     def lease(alive: bool, reason: str = "") -> Lease:
         return Lease(run.info.run_id, host, pid, age, timeout, alive, reason)
 
-    if run.info.status != "RUNNING":
+    if run.info.status != RUNNING:
         return lease(False, f"its sweep run ended {run.info.status}")
     if age is None:
         return lease(False, "no heartbeat (a launch from before leases)")
@@ -151,7 +152,7 @@ def live_leases(client: MlflowClient, experiment_id: str, exclude: Iterable[str]
     from tracking.runs import search_runs
 
     skip = set(exclude)
-    filt = f"tags.`{schema.ROLE}` = '{schema.ROLE_SWEEP}' and attributes.status = 'RUNNING'"
+    filt = f"tags.`{schema.ROLE}` = '{schema.ROLE_SWEEP}' and attributes.status = '{RUNNING}'"
     now = time.time()
     return [lease for lease in (lease_of(r, now) for r in search_runs(client, experiment_id, filt)
                                 if r.info.run_id not in skip) if lease.alive]

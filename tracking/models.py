@@ -51,6 +51,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from tracking import schema
+from tracking.runs import FINISHED
 from tracking.store import is_remote
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -296,7 +297,7 @@ def log_trial_lineage(client: MlflowClient, run_id: str, experiment_id: str, tri
     if external and trial_config.get("stage") != "calibrate":
         return None  # the "base model" of imported predictions is the other network: nothing to log
     if trial_config.get("stage") == "calibrate" and upstream_run_id and not external:
-        base = fetch_artifacts(client, upstream_run_id, f"{schema.WEIGHTS_DIR}/weights.pt", Path(scratch) / "base")
+        base = fetch_artifacts(client, upstream_run_id, schema.WEIGHTS_FILE, Path(scratch) / "base")
     model_dir = build_model_dir(Path(scratch) / "model", trial_config, stage_file, base)
     tags = {schema.STAGE: trial_config.get("stage", ""), schema.DATASET: dataset,
             schema.WEIGHTS: trial_config.get("weights", ""), schema.METHOD: trial_config.get("method", ""),
@@ -372,7 +373,7 @@ def download_model(dest: Path, run_id: str | None = None, model_uri: str | None 
         if run.data.tags.get(schema.ROLE) != schema.ROLE_TRIAL:
             raise ModelNotFound(f"run {run_id} is not a trial run (tag {schema.ROLE}="
                                 f"{run.data.tags.get(schema.ROLE)!r}); give a trial's run id")
-        if run.info.status != "FINISHED":
+        if run.info.status != FINISHED:
             raise ModelNotFound(f"run {run_id} is {run.info.status}; only FINISHED trials can be applied")
         model_id = run_model_id(client, run_id)
         if model_id is None:

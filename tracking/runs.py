@@ -8,10 +8,13 @@ Guarantees the sweep relies on:
 * **No duplicates after a retry.** A trial opens its run with :meth:`TrialRun.open`, which finds
   the run already created for the same trial key under the same parent (an earlier attempt that
   Ray retried or restored) and reuses it; epochs it already logged are not logged twice.
-* **No run left RUNNING.** A failing trial ends its run FAILED with tag ``calib.error``; the
-  launcher closes what a crashed worker left behind (:func:`fail_run`); a ``--resume`` launch
-  closes the runs of a dead launch as KILLED (:func:`close_stale_runs`), never those of a live
-  one (tracking.lease).
+* **No run left RUNNING.** Every run is ended by :func:`close_run` -- from a trial's outcome
+  (:class:`TrialOutcome`, :func:`sweep_status`) or from an exception (:func:`error_status`: KILLED
+  for Ctrl-C / SIGTERM, FAILED otherwise) -- with its reason in tag ``calib.error``. A failing
+  trial ends its run FAILED; the launch settles what a crashed worker left behind
+  (:func:`reconcile_trial`) and, when it is aborted itself, closes its runs
+  (:func:`abort_launch`); a ``--resume`` launch closes the runs of a dead launch as KILLED
+  (:func:`close_stale_runs`), never those of a live one (tracking.lease).
 * **One launch per trial key.** The trial run is the trial's claim: created first, then checked
   against other launches' runs of the key (:func:`claimed_elsewhere`); the later of two claims
   yields and keeps no run. Claiming needs the store: while it is unreachable no trial starts
@@ -24,22 +27,63 @@ Guarantees the sweep relies on:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from calib import atomic_io
 from tracking import schema
 
-RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
+# MLflow's run statuses as its client takes and returns them (``run.info.status``).
+RUNNING, FINISHED, FAILED, KILLED = (RunStatus.to_string(s) for s in
+                                     (RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
 _MAX_TAG = 5000  # MLflow's tag value limit is 8000; one line of error is enough
+
+
+class TrialOutcome(str, Enum):
+    """What became of one planned trial in a launch (not an MLflow status: only FINISHED and
+    FAILED are the status of a run of this launch)."""
+
+    FINISHED = "FINISHED"  # its run in this launch FINISHED
+    FAILED = "FAILED"  # its run in this launch FAILED
+    SKIPPED = "SKIPPED"  # not run: its data were unusable or its upstream did not finish
+    DONE_BEFORE = "DONE_BEFORE"  # FINISHED by another launch (an earlier one, or a concurrent one)
+    ELSEWHERE = "ELSEWHERE"  # claimed by another live launch (--force-concurrent), or below such a trial
+
+    @property
+    def finished(self) -> bool:
+        """The trial has a FINISHED run (its dependants can run)."""
+        return self in (TrialOutcome.FINISHED, TrialOutcome.DONE_BEFORE)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing is left for this launch to do: finished, or left to the live launch that runs it."""
+        return self.finished or self is TrialOutcome.ELSEWHERE
+
+
+def sweep_status(outcomes: Iterable[TrialOutcome]) -> str:
+    """The launch's sweep run status: FINISHED when every trial is settled
+    (:attr:`TrialOutcome.settled`), else FAILED."""
+    return FINISHED if all(TrialOutcome(o).settled for o in outcomes) else FAILED
+
+
+def error_status(exc: BaseException) -> str:
+    """How a run that ``exc`` interrupted ends: KILLED for Ctrl-C / SIGTERM (``SystemExit``), as a
+    ``--resume`` would call it; FAILED for a crash."""
+    return KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit)) else FAILED
+
+
+def error_message(exc: BaseException, context: str = "") -> str:
+    """``[context: ]Type: message`` -- the ``calib.error`` text of a run ended by ``exc``."""
+    text = f"{type(exc).__name__}: {exc}"
+    return f"{context}: {text}" if context else text
 
 
 def _q(value: str) -> str:
@@ -78,22 +122,42 @@ def start_sweep_run(client: MlflowClient, experiment_id: str, *, grid_name: str,
     try:
         client.log_text(run.info.run_id, grid_yaml, schema.GRID_FILE)
     except BaseException as exc:  # the caller never gets the id: close the run here, not RUNNING
-        try:
-            status = KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit)) else FAILED
-            end_run(client, run.info.run_id, status, f"launch aborted: {type(exc).__name__}: {exc}")
-        except Exception:  # noqa: BLE001 - the original error matters more
-            pass
+        _close_quietly(client, run.info.run_id, error_status(exc), error_message(exc, ABORTED))
         raise
     return run.info.run_id
 
 
-def end_sweep_run(client: MlflowClient, run_id: str, status: str,
-                  metrics: Mapping[str, float] | None = None) -> None:
-    """Log the launch's totals and end its run with ``status``."""
+ABORTED = "launch aborted"  # calib.error prefix of the runs of a launch that an exception ended
+
+
+def end_sweep_run(client: MlflowClient, run_id: str, outcomes: Iterable[TrialOutcome],
+                  metrics: Mapping[str, float] | None = None) -> str:
+    """Log the launch's totals and end its run as :func:`sweep_status` of ``outcomes``; that status."""
     if metrics:
         ts = _now_ms()
         client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
-    client.set_terminated(run_id, status)
+    status = sweep_status(outcomes)
+    close_run(client, run_id, status)
+    return status
+
+
+def abort_launch(client: MlflowClient, experiment_id: str, parent_run_id: str, exc: BaseException) -> None:
+    """Close a launch that ``exc`` ended (Ctrl-C, SIGTERM, a crash): its RUNNING trial runs, then
+    its sweep run, as :func:`error_status` says. Best effort: a store error is swallowed, the
+    original error matters more (a later ``--resume`` closes what is left)."""
+    status, reason = error_status(exc), error_message(exc, ABORTED)
+    try:
+        close_running_trials(client, experiment_id, parent_run_id, status, reason)
+        close_run(client, parent_run_id, status, reason)
+    except Exception:  # noqa: BLE001 - the original error matters more
+        pass
+
+
+def _close_quietly(client: MlflowClient, run_id: str, status: str, message: str) -> None:
+    try:
+        close_run(client, run_id, status, message)
+    except Exception:  # noqa: BLE001 - the original error matters more
+        pass
 
 
 # ---- queries -------------------------------------------------------------------------------------
@@ -103,7 +167,7 @@ def finished_trial_runs(client: MlflowClient, experiment_id: str,
     """The newest FINISHED trial run per trial key in the experiment (optionally only ``keys``)."""
     wanted = None if keys is None else set(keys)
     out: dict[str, Any] = {}
-    filt = f"tags.`{schema.ROLE}` = {_q(schema.ROLE_TRIAL)} and attributes.status = 'FINISHED'"
+    filt = f"tags.`{schema.ROLE}` = {_q(schema.ROLE_TRIAL)} and attributes.status = {_q(FINISHED)}"
     for run in search_runs(client, experiment_id, filt):  # newest first: first seen wins
         key = run.data.tags.get(schema.TRIAL_KEY)
         if key and (wanted is None or key in wanted) and key not in out:
@@ -171,7 +235,7 @@ def close_stale_runs(client: MlflowClient, experiment_id: str, keep: Iterable[st
     keep = set(keep)
     leases = LeaseCache(client, ttl_s=float("inf"))
     closed = []
-    filt = "attributes.status = 'RUNNING'"
+    filt = f"attributes.status = {_q(RUNNING)}"
     for run in search_runs(client, experiment_id, filt):
         role = run.data.tags.get(schema.ROLE)
         if run.info.run_id in keep or role not in (schema.ROLE_SWEEP, schema.ROLE_TRIAL):
@@ -180,8 +244,8 @@ def close_stale_runs(client: MlflowClient, experiment_id: str, keep: Iterable[st
         lease = leases.get(owner)
         if lease.alive:
             continue
-        end_run(client, run.info.run_id, KILLED,
-                f"killed: its launch died ({lease.reason}); closed by a --resume launch")
+        close_run(client, run.info.run_id, KILLED,
+                  f"killed: its launch died ({lease.reason}); closed by a --resume launch")
         closed.append(run.info.run_id)
     return closed
 
@@ -192,20 +256,19 @@ def close_running_trials(client: MlflowClient, experiment_id: str, parent_run_id
     closed = []
     for run in trial_runs_under(client, experiment_id, parent_run_id).values():
         if run.info.status == RUNNING:
-            end_run(client, run.info.run_id, status, message)
+            close_run(client, run.info.run_id, status, message)
             closed.append(run.info.run_id)
     return closed
 
 
-def end_run(client: MlflowClient, run_id: str, status: str, message: str) -> None:
-    """End a run with ``status`` (FAILED, KILLED) and its one-line reason in ``calib.error``."""
-    client.set_tag(run_id, schema.ERROR, one_line(message))
+def close_run(client: MlflowClient, run_id: str, status: str, message: str | None = None) -> None:
+    """End a run with MLflow status ``status`` (FINISHED, FAILED, KILLED); ``message``, why it did
+    not finish, goes into ``calib.error`` as one line first. Every run is ended here."""
+    if status not in (FINISHED, FAILED, KILLED):
+        raise ValueError(f"a run ends FINISHED, FAILED or KILLED, not {status!r}")
+    if message is not None:
+        client.set_tag(run_id, schema.ERROR, one_line(message))
     client.set_terminated(run_id, status)
-
-
-def fail_run(client: MlflowClient, run_id: str, message: str) -> None:
-    """End a run FAILED with its one-line reason in ``calib.error``."""
-    end_run(client, run_id, FAILED, message)
 
 
 def one_line(message: str) -> str:
@@ -236,6 +299,11 @@ class TrialRun:
     elsewhere_sweep: str = ""
 
     @property
+    def elsewhere_outcome(self) -> TrialOutcome:
+        """DONE_BEFORE when the other launch finished the trial, ELSEWHERE while it runs it."""
+        return TrialOutcome.DONE_BEFORE if self.elsewhere == FINISHED else TrialOutcome.ELSEWHERE
+
+    @property
     def elsewhere_note(self) -> str:
         """``running in sweep run 1a2b...`` / ``finished by sweep run ...``."""
         verb = "running in" if self.elsewhere == RUNNING else "finished by"
@@ -258,7 +326,7 @@ class TrialRun:
             other = claimed_elsewhere(client, experiment_id, parent_run_id, trial_key, run_id, _now_ms())
             if other is not None:
                 found = cls._elsewhere(client, other)
-                end_run(client, run_id, KILLED, f"not retried: the trial is {found.elsewhere_note}")
+                close_run(client, run_id, KILLED, f"not retried: the trial is {found.elsewhere_note}")
                 return found
             client.update_run(run_id, status=RUNNING)
             if schema.ERROR in run.data.tags:
@@ -319,11 +387,18 @@ class TrialRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def final_metrics(self) -> dict[str, float]:
+        """The run's final metrics (:data:`schema.FINAL_METRICS`) that it has."""
+        metrics = self.client.get_run(self.run_id).data.metrics
+        return {k: metrics[k] for k in schema.FINAL_METRICS if k in metrics}
+
     def finish(self) -> None:
-        self.client.set_terminated(self.run_id, FINISHED)
+        """End the run FINISHED (:func:`close_run`)."""
+        close_run(self.client, self.run_id, FINISHED)
 
     def fail(self, message: str) -> None:
-        fail_run(self.client, self.run_id, message)
+        """End the run FAILED with ``message`` in ``calib.error`` (:func:`close_run`)."""
+        close_run(self.client, self.run_id, FAILED, message)
 
 
 def create_failed_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str,
@@ -335,8 +410,42 @@ def create_failed_run(client: MlflowClient, experiment_id: str, parent_run_id: s
         all_tags = {**{k: str(v) for k, v in tags.items()}, schema.TRIAL_KEY: trial_key,
                     schema.PARENT_RUN_ID: parent_run_id, schema.ROLE: schema.ROLE_TRIAL}
         run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
-    fail_run(client, run.info.run_id, message)
+    close_run(client, run.info.run_id, FAILED, message)
     return run.info.run_id
+
+
+@dataclass(frozen=True)
+class TrialEnd:
+    """How a trial ended, read back from its MLflow run (:func:`reconcile_trial`)."""
+
+    outcome: TrialOutcome
+    run_id: str
+    error: str = ""
+    compute_seconds: float = 0.0
+
+
+def reconcile_trial(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str,
+                    tags: Mapping[str, str], run_name: str, error: str = "") -> TrialEnd:
+    """Settle a trial that did not report its run closed FINISHED, from its run: FINISHED or
+    FAILED as the run says; a run a crashed worker left RUNNING is ended FAILED with ``error``
+    (Ray's) or the error the worker tagged; a trial without a run (it never started, its worker
+    died first) gets a FAILED record (:func:`create_failed_run`)."""
+    run = find_trial_run(client, experiment_id, parent_run_id, trial_key)
+    if run is None:
+        message = error or "the trial never started (no MLflow run)"
+        run_id = create_failed_run(client, experiment_id, parent_run_id, trial_key, tags, run_name, message)
+        return TrialEnd(TrialOutcome.FAILED, run_id, message)
+    run_id, status = run.info.run_id, run.info.status
+    err = run.data.tags.get(schema.ERROR) or error or status
+    if status == RUNNING:
+        # A worker that tagged its error but could not end the run: keep its message.
+        err = error or run.data.tags.get(schema.ERROR) or "the trial ended without closing its run"
+        close_run(client, run_id, FAILED, err)
+        status = FAILED
+    seconds = run.data.metrics.get(schema.COMPUTE_SECONDS, 0.0)
+    if status == FINISHED:
+        return TrialEnd(TrialOutcome.FINISHED, run_id, compute_seconds=seconds)
+    return TrialEnd(TrialOutcome.FAILED, run_id, err, compute_seconds=seconds)
 
 
 def _param_text(v: Any) -> str:
@@ -359,14 +468,10 @@ def fetch_artifacts(client: MlflowClient, run_id: str, artifact_path: str, cache
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(artifact_path).name}-", dir=target.parent))
+    tmp = atomic_io.temp_folder(target)
     try:
         local = Path(client.download_artifacts(run_id, artifact_path, str(tmp)))
-        try:
-            os.replace(local, target)
-        except OSError:
-            if not target.exists():  # not a lost race: a real error
-                raise
+        atomic_io.move_into_place(local, target)  # a lost race leaves the winner's copy
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

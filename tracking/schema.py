@@ -1,9 +1,13 @@
-"""Names of the MLflow run schema (DESIGN.md "MLflow runs"): tags, metrics, artifacts.
+"""Names of the MLflow run schema (docs/architecture.md, "MLflow run schema"): tags, metrics, artifacts.
 
 Every writer and reader of the sweep's runs uses these constants, so the schema lives in one place.
+The names of the files a stage writes are calib's (calib.stage_files, which cannot import this
+module); the artifacts that carry them refer to those.
 """
 
 from __future__ import annotations
+
+from calib.stage_files import LOGITS_DIRNAME, WEIGHTS_NAME
 
 # ---- tags ----------------------------------------------------------------------------------------
 ROLE = "calib.role"
@@ -31,11 +35,7 @@ GRID = "calib.grid"  # on the sweep run: grid name
 RESUMED = "calib.resumed"  # on the sweep run: "true" for a --resume launch
 
 PARENT_RUN_ID = "mlflow.parentRunId"
-RUN_NAME = "mlflow.runName"
 GIT_COMMIT = "mlflow.source.git.commit"
-
-#: Tags every trial run carries (DESIGN.md).
-TRIAL_TAGS = (ROLE, STAGE, DATASET, WEIGHTS, METHOD, FOLD, LR, TRIAL_KEY, PROTOCOL, PARENT_RUN_ID)
 
 # ---- metrics -------------------------------------------------------------------------------------
 TRAIN_LOSS = "train_loss"  # per epoch, step = epoch (from 0)
@@ -52,11 +52,21 @@ SECONDS_PER_EPOCH = "seconds_per_epoch"  # compute seconds / epochs run
 GUARD_FOREGROUND_FRACTION = "guard_foreground_fraction"  # base: predicted fg / mask, val subjects
 GUARD_MEDIAN_ABS_LOGIT = "guard_median_abs_logit"  # base: median |logit| in the mask, val subjects
 
+# On the sweep run: the launch's totals -- trials per outcome (tracking.runs.TrialOutcome), times.
+TRIALS_PLANNED = "trials_planned"
+TRIALS_FINISHED = "trials_finished"
+TRIALS_FAILED = "trials_failed"
+TRIALS_SKIPPED = "trials_skipped"
+TRIALS_DONE_BEFORE = "trials_done_before"
+TRIALS_ELSEWHERE = "trials_elsewhere"
+WALL_SECONDS = "wall_seconds"  # the launch's wall time; its COMPUTE_SECONDS: its trials' (not done-before)
+
 # ---- artifacts -----------------------------------------------------------------------------------
 PER_SUBJECT = "per_subject.csv"  # subject_id, fold, dice, ece, ...
 RELIABILITY_BINS = "reliability_bins.csv"  # subject_id, bin, count, conf_sum, pos_sum
 WEIGHTS_DIR = "weights"  # the stage's model file (base weights; fitted calibration method)
-LOGITS_DIR = "logits"  # base stage: every subject's exported logits, read by calibrate trials
+WEIGHTS_FILE = f"{WEIGHTS_DIR}/{WEIGHTS_NAME}"  # a U-Net stage's model, read by its dependants
+LOGITS_DIR = LOGITS_DIRNAME  # base stage: every subject's exported logits, read by calibrate trials
 TRIAL_CONFIG = "trial_config.json"  # the resolved trial config (what the trial key hashes)
 SPLITS = "splits.json"  # subject ids of train, val, calib and test of the trial's fold
 PREVIEW = "preview.npz"  # one axial slice of the first test subject (calib.preview), for figures

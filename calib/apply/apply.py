@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
 import numpy as np
+
+from calib.atomic_io import atomic_paths
 
 from .inputs import PreparedCase, prepare_prediction, prepare_subject
 from .model import ApplyError, FittedModel, Prediction
@@ -76,19 +76,11 @@ def write_outputs(out_dir: Path, case: PreparedCase, prediction: Prediction) -> 
         images[name] = _nifti(restored, case)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = {"prob": PROB_SUFFIX, "std": STD_SUFFIX}
-    written, tmps = {}, []
-    try:
-        for name, img in images.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{case.case_id}-{name}-", suffix=".nii.gz", dir=out_dir)
-            os.close(fd)
-            tmps.append(tmp)
+    written = {name: out_dir / f"{case.case_id}{suffix[name]}" for name in images}
+    # nibabel goes by the extension: the temporary names end in .nii.gz too.
+    with atomic_paths(list(written.values()), suffix=".nii.gz") as tmps:
+        for img, tmp in zip(images.values(), tmps):
             nib.save(img, tmp)
-            written[name] = out_dir / f"{case.case_id}{suffix[name]}"
-        for tmp, path in zip(tmps, written.values()):
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps:
-            Path(tmp).unlink(missing_ok=True)
     return written
 
 

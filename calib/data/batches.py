@@ -1,6 +1,10 @@
-"""Batches of whole preprocessed volumes (image, label, mask) for U-Net training and fine-tuning.
+"""The training batch loaders: whole preprocessed volumes (image, label, mask) for U-Net training
+and fine-tuning (:class:`VolumeBatches`), and z-slices or volumes of the base stage's logit cache
+(:mod:`calib.logits`) for the logit-based calibrators (:class:`SliceBatches`,
+:class:`VolumeLogitBatches`). Every loader draws an epoch's order from ``(seed, epoch)``
+(:func:`epoch_order`), so a run resumed from a checkpoint sees what an uninterrupted one would.
 
-Each batch is assembled by reading the subjects' uncompressed arrays (cache format 2,
+Each volume batch is assembled by reading the subjects' uncompressed arrays (cache format 2,
 ``cache.stored_arrays``) from the OS page cache straight into the batch tensors -- one copy, no
 inflating -- by a ``torch.utils.data.DataLoader``: in ``workers`` worker processes that keep up to two batches
 each ready ahead of the training thread, or in the training thread itself when ``workers=0``.
@@ -18,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from calib.logits import OUTSIDE_MASK, LogitCacheError, subject_paths
 
 #: Environment variable that sets the default number of loader worker processes.
 WORKERS_ENV = "CALIB_LOADER_WORKERS"
@@ -55,6 +61,13 @@ def default_workers() -> int:
     return min(2, _usable_cpus()) if torch.cuda.is_available() else 0
 
 
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """Indices 0..n-1 of one epoch: permuted from ``(seed, epoch)`` when shuffling."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
 class _EpochOrder(Sampler):
     """Index lists of one epoch's batches: a permutation from ``(seed, epoch)`` when shuffled.
 
@@ -68,9 +81,7 @@ class _EpochOrder(Sampler):
         return -(-self.n // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = np.arange(self.n)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, int(self.epoch)]).permutation(order)
+        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch)
         for start in range(0, self.n, self.batch_size):
             yield order[start:start + self.batch_size].tolist()
 
@@ -163,3 +174,120 @@ class VolumeBatches:
         return iter(loader)
 
     __call__ = batches
+
+
+# ---- batches of the logit cache (calib.logits) ---------------------------------------------------
+
+class _Cache:
+    """Memory-mapped logits and targets of a set of subjects (z-major), checked for one shape."""
+
+    def __init__(self, logits_dir: Path, subject_ids: Sequence[str]):
+        if not subject_ids:
+            raise LogitCacheError(f"{logits_dir}: no subjects given for the slice loader")
+        self.logits_dir = Path(logits_dir)
+        self.subject_ids = tuple(subject_ids)
+        self.logits: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        for sid in self.subject_ids:
+            lp, tp = subject_paths(self.logits_dir, sid)
+            self.logits.append(np.load(lp, mmap_mode="r", allow_pickle=False))
+            self.targets.append(np.load(tp, mmap_mode="r", allow_pickle=False))
+        shapes = {a.shape for a in self.logits} | {t.shape for t in self.targets}
+        if len(shapes) != 1:
+            raise LogitCacheError(f"{self.logits_dir}: subjects have different shapes {sorted(shapes)}; "
+                                  "batches need one shape")
+        self.shape_zxy = self.logits[0].shape
+
+
+def _to_batch(logits: np.ndarray, target: np.ndarray) -> dict[str, torch.Tensor]:
+    """Tensors of one batch; ``target`` must be C-contiguous, ``logits`` may be any view (one copy)."""
+    mask = target != OUTSIDE_MASK
+    return {
+        "logits": torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).unsqueeze(1),
+        "label": torch.from_numpy((target == 1).astype(np.float32)).unsqueeze(1),
+        "mask": torch.from_numpy(mask).unsqueeze(1),
+    }
+
+
+class _CacheBatches:
+    """State shared by the loaders: the cache, batch size and the seeded per-epoch order."""
+
+    def __init__(self, logits_dir: Path, subject_ids: Sequence[str], batch_size: int,
+                 shuffle: bool, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._cache = _Cache(logits_dir, subject_ids)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+
+    def _order(self, n: int, epoch: int) -> np.ndarray:
+        return epoch_order(n, self.shuffle, self.seed, epoch)
+
+    def _n_items(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return -(-self._n_items() // self.batch_size)
+
+
+class SliceBatches(_CacheBatches):
+    """Batches of z-slices from a logit cache: ``batches(epoch)`` yields dicts of tensors.
+
+    Each batch is ``{"logits": (B, 1, X, Y) float32, "label": (B, 1, X, Y) float32 in {0, 1},
+    "mask": (B, 1, X, Y) bool}`` on the CPU, ``B <= batch_size`` (64 in the paper). Only slices
+    holding at least one mask voxel are served (the others carry no loss). With ``shuffle`` the
+    slice order is a permutation drawn from ``(seed, epoch)``: the same epoch always gives the same
+    batches, so a run resumed from a checkpoint sees what an uninterrupted one would have seen.
+    """
+
+    def __init__(self, logits_dir: Path, subject_ids: Sequence[str], batch_size: int = 64,
+                 shuffle: bool = True, seed: int = 0):
+        super().__init__(logits_dir, subject_ids, batch_size, shuffle, seed)
+        pairs = []
+        for s, target in enumerate(self._cache.targets):
+            z_with_mask = np.flatnonzero((target != OUTSIDE_MASK).any(axis=(1, 2)))
+            pairs.append(np.stack([np.full_like(z_with_mask, s), z_with_mask], axis=1))
+        self._slices = np.concatenate(pairs, axis=0)
+        if len(self._slices) == 0:
+            ids = list(subject_ids)
+            shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+            raise LogitCacheError(f"{logits_dir}: no subject of {len(ids)} ({shown}) has a non-empty mask")
+
+    @property
+    def n_slices(self) -> int:
+        return len(self._slices)
+
+    def _n_items(self) -> int:
+        return self.n_slices
+
+    def __call__(self, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        order = self._slices[self._order(self.n_slices, epoch)]
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            logits = np.stack([self._cache.logits[s][z] for s, z in chunk])
+            target = np.stack([self._cache.targets[s][z] for s, z in chunk])
+            yield _to_batch(logits, target)
+
+
+class VolumeLogitBatches(_CacheBatches):
+    """Whole-volume batches from a logit cache (for 3-D calibrators).
+
+    Yields ``{"logits": (B, 1, X, Y, Z) float32, "label": ..., "mask": ...}``; shuffling of the
+    subject order as in :class:`SliceBatches`.
+    """
+
+    def __init__(self, logits_dir: Path, subject_ids: Sequence[str], batch_size: int = 2,
+                 shuffle: bool = True, seed: int = 0):
+        super().__init__(logits_dir, subject_ids, batch_size, shuffle, seed)
+
+    def _n_items(self) -> int:
+        return len(self._cache.subject_ids)
+
+    def __call__(self, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        order = self._order(self._n_items(), epoch)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            logits = np.stack([self._cache.logits[s] for s in chunk]).transpose(0, 2, 3, 1)
+            target = np.stack([self._cache.targets[s] for s in chunk]).transpose(0, 2, 3, 1)
+            yield _to_batch(logits, np.ascontiguousarray(target))  # _to_batch copies the logits once

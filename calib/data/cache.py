@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from calib import atomic_io
 from .errors import DataError
 from .layouts import SubjectFiles
 
@@ -147,7 +147,7 @@ def write_subject(path: Path, **arrays: np.ndarray) -> None:
     file is complete
     or absent (temp file beside it, fsync, rename), as every file of the cache.
     """
-    with atomic.atomic_open(Path(path), "wb") as handle:
+    with atomic_io.atomic_open(Path(path), "wb") as handle:
         np.savez(handle, **arrays)
 
 

@@ -22,8 +22,8 @@ cache: each distinct preprocessing config + set of source files (path, size, mti
 folder OUT/<dataset>-<hash16>/ holding <subject_id>.npz and meta.json; a changed config or source
 never mixes with an old folder. A repeat run finds the folder complete, says "cache hit" and does
 no work. The folder appears in one rename when every file in it is written, so an interrupted run
-leaves only a hidden OUT/.tmp-* folder (safe to delete). The last line printed on stdout is the
-cache folder. Bad input (anything `check` reports) stops the run and writes nothing.
+leaves only a hidden OUT/.<dataset>-<hash16>.tmp-* folder (safe to delete). The last line printed
+on stdout is the cache folder. Bad input (anything `check` reports) stops the run and writes nothing.
 """
 
 EPILOG_PHANTOM = """\

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import atomic
+from calib import atomic_io
 from .errors import DataError
 
 
@@ -105,4 +105,4 @@ def paper_folds_file(dataset: str) -> Path:
 
 def write_folds(path: Path, folds: dict[int, list[str]]) -> None:
     """Write folds as the JSON that ``read_folds`` reads, atomically."""
-    atomic.write_json(Path(path), {str(k): list(v) for k, v in sorted(folds.items())})
+    atomic_io.write_json(Path(path), {str(k): list(v) for k, v in sorted(folds.items())})

@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from calib import atomic_io
 
 from .anatomy import (
     SIZE_FACTOR,
@@ -407,7 +407,7 @@ def write_phantoms(
             f"phantom output {out} exists and is not an empty folder (nor the same phantoms); choose a new one"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = atomic_io.temp_folder(out)
     try:
         code = SUPPORTED_DATASETS.index(dataset)
         for index, sid in enumerate(ids):
@@ -417,8 +417,7 @@ def write_phantoms(
             else:
                 _write_isles(synth_isles(rng, sid, shape, axcodes, hemisphere), tmp, index)
         (tmp / RECIPE_NAME).write_text(json.dumps(recipe, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a dataset folder is normally readable
-        os.replace(tmp, out)  # replaces an empty folder atomically on POSIX
+        atomic_io.publish_folder(tmp, out)  # readable, replaces an empty folder atomically
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -42,7 +41,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-from . import atomic
+from calib import atomic_io
 from .cache import cache_dir_for, cache_key, is_complete
 from .check import AFFINE_ATOL
 from .errors import (
@@ -503,7 +502,7 @@ def import_predictions(config: PredictionsConfig, out: Path, name: str) -> Path:
     out = Path(out)
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=out))
+    tmp = atomic_io.temp_folder(target)
     try:
         infos, errors = {}, []
         for files in cases:
@@ -514,7 +513,7 @@ def import_predictions(config: PredictionsConfig, out: Path, name: str) -> Path:
             label = _pad_to(case.label, shape, "constant")
             mask = _pad_to(case.mask, shape, "constant")
             logits = _pad_to(case.logits, shape, "edge")
-            atomic.save_npz(tmp / f"{case.case_id}.npz", image=np.zeros((0, *shape), np.float32),
+            atomic_io.save_npz(tmp / f"{case.case_id}.npz", image=np.zeros((0, *shape), np.float32),
                             label=label, mask=mask)
             write_subject_logits(logits_dir(tmp), case.case_id, logits, label, mask)
             infos[case.case_id] = {
@@ -528,17 +527,13 @@ def import_predictions(config: PredictionsConfig, out: Path, name: str) -> Path:
             raise error_from_problems(errors, f"predictions {config.predictions}")
         ids = [c.case_id for c in cases]
         write_index(logits_dir(tmp), ids, shape, {"predictions_hash": key})
-        atomic.write_json(tmp / "meta.json", {
+        atomic_io.write_json(tmp / "meta.json", {
             "config": config.rule(), "hash": key, "channels": [], "subjects": ids, "shape": list(shape),
             "kind": KIND, "source": config.to_dict(), "subject_info": infos, "has_true_prob": False,
         })
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            if is_imported(target, key):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return target
-            shutil.rmtree(target)  # a damaged folder (files deleted by hand): replace it
-        os.replace(tmp, target)
+        # A complete import there (another run was first) is kept; a damaged one replaced.
+        if not atomic_io.publish_folder(tmp, target, keep_existing=lambda t: is_imported(t, key)):
+            return target
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_out:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -39,7 +38,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from . import atomic
+from calib import atomic_io
 from .cache import cache_dir_for, cache_key, is_complete, source_fingerprint, write_subject
 from .check import check_subject
 from .errors import EMPTY_MASK, DataError, Problem, error_from_problems
@@ -273,7 +272,7 @@ def preprocess_dataset(
 
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=out))
+    tmp = atomic_io.temp_folder(target)
     try:
         n_workers = min(workers or min(os.cpu_count() or 1, 8), len(subjects))
         with tqdm(total=len(subjects), desc=f"preprocess {dataset}", unit="subject",
@@ -291,15 +290,12 @@ def preprocess_dataset(
             "source_root": str(root.resolve()),
             "has_true_prob": all(s.true_prob is not None for s in subjects),
         }
-        atomic.write_json(tmp / "meta.json", meta)
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            if is_complete(target, key):  # another run finished first: same inputs, same result
-                shutil.rmtree(tmp, ignore_errors=True)
-                log.info("cache hit: %s was completed by another run", target)
-                return target
-            shutil.rmtree(target)  # a damaged cache folder (files deleted by hand): replace it
-        os.replace(tmp, target)
+        atomic_io.write_json(tmp / "meta.json", meta)
+        # A complete folder there: another run finished first (same inputs, same result); an
+        # incomplete one is damaged (files deleted by hand) and replaced.
+        if not atomic_io.publish_folder(tmp, target, keep_existing=lambda t: is_complete(t, key)):
+            log.info("cache hit: %s was completed by another run", target)
+            return target
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_out:

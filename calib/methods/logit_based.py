@@ -16,7 +16,7 @@ import torch
 from scipy.special import expit
 from torch import nn
 
-from calib.logits import SliceBatches, VolumeLogitBatches
+from calib.data.batches import SliceBatches, VolumeLogitBatches
 from calib.losses import bce_loss
 from calib.methods.base import CalibrationMethod, SubjectRef, SubjectSet, no_autocast
 from calib.training import EpochResult, FitResult, fit

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from calib.data.batches import VolumeBatches
 from calib.losses import LOSSES
 from calib.methods.base import CalibrationMethod, SubjectRef, SubjectSet
 from calib.methods.params import MethodError
 from calib.vocabulary import EXTERNAL_WEIGHTS
-from calib.methods.volumes import VolumeBatches
 from calib.nets import UNet3D, UNetConfig
 from calib.training import EpochResult, FitResult, atomic_save, fit
 

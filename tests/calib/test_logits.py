@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from calib.data.batches import SliceBatches, VolumeLogitBatches
 from calib.logits import (
     LogitCacheError,
-    SliceBatches,
-    VolumeLogitBatches,
     load_logits,
     read_index,
     write_index,

@@ -1,5 +1,5 @@
 """End to end with the real stages (calib.stages on tiny phantoms), real Ray and real MLflow:
-the stored runs follow DESIGN.md's schema; a trial on corrupt data fails alone; a launch whose
+the stored runs follow the run schema of docs/architecture.md; a trial on corrupt data fails alone; a launch whose
 driver is SIGKILLed, then --resume, ends with one FINISHED run per trial key and none RUNNING."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeps.config import load_grid
 from sweeps.data_prep import prepare_dataset
-from sweeps.launcher import LaunchOptions, git_commit, launch
+from sweeps.launch_sweep import LaunchOptions, git_commit, launch
 from sweeps.plan import expand
 from tracking import schema
 

@@ -14,7 +14,7 @@ from fake_stages import FakeStage
 from mlflow.tracking import MlflowClient
 
 from sweeps.config import load_grid
-from sweeps.launcher import LaunchOptions, launch
+from sweeps.launch_sweep import LaunchOptions, launch
 from sweeps.plan import expand
 from tracking import schema
 

@@ -107,7 +107,7 @@ def test_the_example_grid_parses():
 
 @pytest.mark.slow
 def test_launch_calibrates_external_predictions_end_to_end(ray_session, tmp_path, data, mlflow_store):
-    from sweeps.launcher import LaunchOptions, launch
+    from sweeps.launch_sweep import LaunchOptions, launch
 
     grid_file = _grid(tmp_path, data)
     out = io.StringIO()

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from sweep_helpers import tiny_grid
 
 from sweeps.cli import main
-from sweeps.launcher import EXIT_USAGE, LaunchOptions, launch
+from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
 from tracking import schema
 from tracking.lease import driver_tags
 from tracking.runs import start_sweep_run

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from sweep_helpers import tiny_grid
 
 from sweeps.config import load_grid
-from sweeps.launcher import EXIT_USAGE, LaunchOptions, launch
+from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
 from sweeps.plan import expand
 from tracking import schema
 from tracking.lease import lease_of

@@ -60,7 +60,7 @@ def _free_port() -> int:
 @pytest.fixture
 def ui_server(ray_session, tmp_path, mlflow_store):
     """A finished small sweep in ``mlflow_store``, and `mlflow ui` serving it: (base URL, launch log)."""
-    from sweeps.launcher import LaunchOptions, launch
+    from sweeps.launch_sweep import LaunchOptions, launch
 
     out = io.StringIO()
     rc = launch(LaunchOptions(grid=str(_grid(tmp_path)), tracking_uri=mlflow_store), out=out, err=out)

@@ -26,7 +26,7 @@ from calib.methods.network_based import save_weights
 from calib.nets import UNet3D, UNetConfig
 from tracking import models as tm
 from tracking import schema
-from tracking.report.fetch import TrialRun as ReportRun
+from tracking.report.fetch import TrialRecord
 from tracking.report.registry import best_calibrated, register_best, registered_name
 from tracking.report.selection import Selection
 
@@ -172,7 +172,7 @@ def test_registry_keeps_the_best_calibrated_method_per_fold(external, mlflow_sto
         val_loss = [0.4, 0.3][fold]  # fold 1 validates better
         client.log_metric(run_id, "best_val_loss", val_loss)
         client.set_terminated(run_id)
-        runs.append(ReportRun(run_id, None, "FINISHED", 0, "calibrate", "ext", "CE", "temperature", fold, "",
+        runs.append(TrialRecord(run_id, None, "FINISHED", 0, "calibrate", "ext", "CE", "temperature", fold, "",
                               f"k{fold}", metrics={"best_val_loss": val_loss}))
     results = pd.DataFrame([
         # platt has the lowest ECE but its Dice is not bold: temperature must win

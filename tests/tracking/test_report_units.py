@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tracking.report.atomic import write_text
+from calib.atomic_io import atomic_write, write_text
 from tracking.report.dispersion import bin_summary, dispersion_table, subject_accuracy
 from tracking.report.errors import ReportError, WarningLog
-from tracking.report.fetch import TrialRun, redact_uri
+from tracking.report.fetch import TrialRecord, redact_uri
 from tracking.report.selection import pool_subjects, select_runs
 from tracking.report.stats import compare_to_best, holm, pareto_front, wilcoxon_paired
 from tracking.report.tables import tex_escape
@@ -48,13 +48,13 @@ def test_compare_to_best_ties_go_first_in_order():
     assert comp.best == "y" and comp.bold == {"x": True, "y": True} and comp.p_vs_best["x"] == 1.0
 
 
-def _run(method="mc_center", lr="0.001", fold=0, val=0.3, rid=None) -> TrialRun:
-    return TrialRun(run_id=rid or f"r-{lr}-{fold}", parent_id="p", status="FINISHED", start_time=0,
+def _run(method="mc_center", lr="0.001", fold=0, val=0.3, rid=None) -> TrialRecord:
+    return TrialRecord(run_id=rid or f"r-{lr}-{fold}", parent_id="p", status="FINISHED", start_time=0,
                     stage="calibrate", dataset="brats18", weights="SD", method=method, fold=fold,
                     lr=lr, trial_key=f"{lr}{fold}", metrics={"best_val_loss": val} if val else {})
 
 
-def _per_subject(run: TrialRun) -> pd.DataFrame:
+def _per_subject(run: TrialRecord) -> pd.DataFrame:
     k = float(run.lr or 0)
     return pd.DataFrame({"subject_id": [f"{run.fold}a", f"{run.fold}b"], "fold": run.fold,
                          "dice": [0.5 + k, 0.6 + k], "ece": [0.1 - k, 0.2 - k]})
@@ -125,10 +125,8 @@ def test_small_helpers(tmp_path):
     def bad(_):
         raise Boom
 
-    from tracking.report import atomic
-
     with pytest.raises(Boom):
-        atomic._atomic(target, bad)
+        atomic_write(target, bad)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
+
+from calib.atomic_io import atomic_write, write_text
 
 from tracking.report import files as names
 from tracking.report.analysis import analyse, pareto_by_weights, subject_table, weights_key
-from tracking.report.atomic import write_csv, write_png, write_text
 from tracking.report.dispersion import dispersion_table, subject_accuracy
 from tracking.report.document import ReportContext, report_markdown
 from tracking.report.errors import WarningLog, log
@@ -156,7 +158,18 @@ def build_report(experiment: str, out: Path, tracking_uri: str | None = None,
     return write_report(data, out, log_artifacts)
 
 
+def write_csv(path: Path, frame: pd.DataFrame) -> Path:
+    """Write ``frame`` without its index to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def write_png(path: Path, fig: Figure, dpi: int = 120) -> Path:
+    """Save ``fig`` as PNG to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
 def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, ...]:
+    out.mkdir(parents=True, exist_ok=True)
     results, dispersion, accuracy = data.results, data.dispersion, data.accuracy
     files = [write_csv(out / names.RESULTS, results), write_csv(out / names.HEADLINE, data.headline)]
     within = pareto_by_weights(results)

@@ -1,4 +1,4 @@
-"""Read the sweep's trial runs and their per-subject artifacts from MLflow (DESIGN.md run schema).
+"""Read the sweep's trial runs and their per-subject artifacts from MLflow (docs/architecture.md, "MLflow run schema").
 
 Which runs a report uses:
 
@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from calib.vocabulary import BASE, CALIBRATE
 from tracking import schema as S
 from tracking.report.errors import ReportArgumentError, ReportError, WarningLog
-from tracking.runs import search_runs
+from tracking.runs import FINISHED, search_runs
 from tracking.store import local_store_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # in the working directory, as the sweep's default
@@ -43,8 +43,9 @@ _REQUIRED_TAGS = (S.STAGE, S.DATASET, S.WEIGHTS, S.METHOD, S.FOLD, S.TRIAL_KEY)
 
 
 @dataclass(frozen=True, eq=False)
-class TrialRun:
-    """One trial run as the report sees it: its tags parsed, its final metrics."""
+class TrialRecord:
+    """One fetched trial run as the report sees it (not tracking.runs.TrialRun, which writes a
+    run): its tags parsed, its final metrics."""
 
     run_id: str
     parent_id: str | None
@@ -92,7 +93,7 @@ class TrialSet:
     experiment_id: str
     experiment_name: str
     scope: str
-    runs: tuple[TrialRun, ...]
+    runs: tuple[TrialRecord, ...]
     sweep_run_ids: tuple[str, ...]  # the parents of the runs used
     log_run_id: str | None  # the sweep run that receives the report files
     ignored_by_status: dict[str, int]  # non-FINISHED trial runs left out, per status
@@ -137,18 +138,18 @@ def get_experiment_id(client: MlflowClient, name: str) -> str:
     return exp.experiment_id
 
 
-def _parse_trial(run) -> TrialRun:
+def _parse_trial(run) -> TrialRecord:
     tags = run.data.tags
     missing = [t for t in _REQUIRED_TAGS if t not in tags]
     if missing:
         raise ReportError(f"trial run {run.info.run_id} lacks tag(s) {', '.join(missing)} "
-                          f"(DESIGN.md run schema)")
+                          f"(docs/architecture.md, MLflow run schema)")
     try:
         fold = int(tags[S.FOLD])
     except ValueError:
         raise ReportError(f"trial run {run.info.run_id} has {S.FOLD}={tags[S.FOLD]!r}, "
                           "not an integer") from None
-    return TrialRun(
+    return TrialRecord(
         run_id=run.info.run_id, parent_id=tags.get(S.PARENT_RUN_ID), status=run.info.status,
         start_time=int(run.info.start_time or 0), stage=tags[S.STAGE], dataset=tags[S.DATASET],
         weights=tags[S.WEIGHTS], method=tags[S.METHOD], fold=fold, lr=tags.get(S.LR, "").strip(),
@@ -181,11 +182,11 @@ def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None 
     if scope == "sweep":
         filt += f" and tags.`{S.PARENT_RUN_ID}` = '{sweep_run}'"
     ignored: dict[str, int] = {}
-    trials: list[TrialRun] = []
+    trials: list[TrialRecord] = []
     for run in search_runs(client, exp_id, filt):
         if run.data.tags.get(S.STAGE) not in REPORT_STAGES:
             continue  # pretrain runs are not in the tables
-        if run.info.status != "FINISHED":
+        if run.info.status != FINISHED:
             ignored[run.info.status] = ignored.get(run.info.status, 0) + 1
             try:  # only to name the hole it leaves; a failed run may lack tags
                 trials.append(_parse_trial(run))
@@ -194,10 +195,10 @@ def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None 
             continue
         trials.append(_parse_trial(run))  # a FINISHED run must follow the schema
 
-    newest: dict[str, TrialRun] = {}
+    newest: dict[str, TrialRecord] = {}
     superseded = 0
     for t in trials:
-        if t.status != "FINISHED":
+        if t.status != FINISHED:
             continue
         old = newest.get(t.trial_key)
         if old is not None:
@@ -229,7 +230,7 @@ def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None 
                     tuple(excluded))
 
 
-def _leave_out_degenerate(runs: list[TrialRun]) -> tuple[list[TrialRun], list[Exclusion]]:
+def _leave_out_degenerate(runs: list[TrialRecord]) -> tuple[list[TrialRecord], list[Exclusion]]:
     """Split off the degenerate base models and the calibrations that read them."""
     bad = {t.trial_key: t for t in runs if t.stage == "base" and t.degenerate}
     kept = [t for t in runs if t.trial_key not in bad and t.upstream_key not in bad]
@@ -261,15 +262,15 @@ class ArtifactReader:
         self._workdir = Path(workdir)
         self._cache: dict[tuple[str, str], pd.DataFrame] = {}
 
-    def per_subject(self, run: TrialRun) -> pd.DataFrame:
+    def per_subject(self, run: TrialRecord) -> pd.DataFrame:
         """``subject_id`` (str), ``fold`` (int), ``dice``, ``ece`` (fractions) and any extra columns."""
         return self._read(run, PER_SUBJECT_FILE, PER_SUBJECT_COLUMNS, int_columns=("fold",))
 
-    def reliability_bins(self, run: TrialRun) -> pd.DataFrame:
+    def reliability_bins(self, run: TrialRecord) -> pd.DataFrame:
         """``subject_id`` (str), ``bin`` (int), ``count``, ``conf_sum``, ``pos_sum``."""
         return self._read(run, RELIABILITY_FILE, RELIABILITY_COLUMNS, int_columns=("bin",))
 
-    def preview(self, run: TrialRun) -> dict | None:
+    def preview(self, run: TrialRecord) -> dict | None:
         """The run's ``preview.npz`` (calib.preview) as arrays, or None when it has none (runs
         from before previews were logged)."""
         dst = self._workdir / run.run_id
@@ -286,7 +287,7 @@ class ArtifactReader:
         except (OSError, ValueError) as exc:
             raise ReportError(f"{S.PREVIEW} of {run.describe()} is unreadable: {exc}") from None
 
-    def _read(self, run: TrialRun, name: str, required: tuple[str, ...],
+    def _read(self, run: TrialRecord, name: str, required: tuple[str, ...],
               int_columns: tuple[str, ...]) -> pd.DataFrame:
         key = (run.run_id, name)
         if key in self._cache:
@@ -318,7 +319,7 @@ class ArtifactReader:
         self._cache[key] = df
         return df
 
-    def _listing(self, run: TrialRun) -> str:
+    def _listing(self, run: TrialRecord) -> str:
         try:
             return ", ".join(sorted(f.path for f in self._client.list_artifacts(run.run_id))) or "nothing"
         except MlflowException:

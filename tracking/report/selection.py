@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from tracking.report.errors import ReportError, WarningLog
-from tracking.report.fetch import TrialRun
+from tracking.report.fetch import TrialRecord
 
 SELECT_BY = ("val_loss", "ece", "dice")
 VAL_LOSS_METRIC = "best_val_loss"
@@ -52,7 +52,7 @@ class Selection:
     method: str
     lr_selected: str
     mode: str  # "single" (one candidate), "grid" or "per_fold"
-    runs: tuple[TrialRun, ...]
+    runs: tuple[TrialRecord, ...]
     candidates: tuple[Candidate, ...]
     select_by: str
 
@@ -71,14 +71,14 @@ def _lr_order(lr: str) -> float:
 class _Criterion:
     """Criterion values of runs and run sets, read lazily (per-subject files only when needed)."""
 
-    def __init__(self, select_by: str, per_subject: Callable[[TrialRun], pd.DataFrame]) -> None:
+    def __init__(self, select_by: str, per_subject: Callable[[TrialRecord], pd.DataFrame]) -> None:
         if select_by not in SELECT_BY:
             raise ReportError(f"select_by {select_by!r} unknown; valid: {', '.join(SELECT_BY)}")
         self.select_by = select_by
         self.sign = -1.0 if select_by == "dice" else 1.0  # minimise sign * value
         self._per_subject = per_subject
 
-    def of(self, runs: Sequence[TrialRun]) -> float:
+    def of(self, runs: Sequence[TrialRecord]) -> float:
         if self.select_by == "val_loss":
             values = []
             for run in runs:
@@ -91,21 +91,21 @@ class _Criterion:
         return float(pooled.mean())  # NaN-skipping, subjects pooled over the folds
 
 
-def select_runs(runs: Sequence[TrialRun], select_by: str,
-                per_subject: Callable[[TrialRun], pd.DataFrame],
+def select_runs(runs: Sequence[TrialRecord], select_by: str,
+                per_subject: Callable[[TrialRecord], pd.DataFrame],
                 warn: WarningLog | None = None) -> list[Selection]:
     """Choose, per dataset × weights × method, the learning rate (module doc) and its fold runs."""
     warn = warn or WarningLog()
     crit = _Criterion(select_by, per_subject)
-    groups: dict[tuple[str, str, str], list[TrialRun]] = {}
+    groups: dict[tuple[str, str, str], list[TrialRecord]] = {}
     for run in runs:
         groups.setdefault((run.dataset, run.weights, run.method), []).append(run)
     return [_select_group(key, grp, crit, warn) for key, grp in sorted(groups.items())]
 
 
-def _select_group(key, group: list[TrialRun], crit: _Criterion, warn: WarningLog) -> Selection:
+def _select_group(key, group: list[TrialRecord], crit: _Criterion, warn: WarningLog) -> Selection:
     dataset, weights, method = key
-    by_lr: dict[str, dict[int, TrialRun]] = {}
+    by_lr: dict[str, dict[int, TrialRecord]] = {}
     for run in group:
         folds = by_lr.setdefault(run.lr, {})
         if run.fold in folds:  # two trial keys for one cell: the schema promises one

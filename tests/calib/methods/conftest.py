@@ -63,7 +63,7 @@ CHANNELS = 2
 
 def write_tiny_cache(out: Path, n_subjects: int, seed: int = 0,
                      shape: tuple[int, int, int] = IMAGE_SHAPE) -> list[str]:
-    """A preprocessed cache in the DESIGN.md layout (``<id>.npz`` + ``meta.json``), written directly:
+    """A preprocessed cache in the cache layout of docs/architecture.md (``<id>.npz`` + ``meta.json``), written directly:
     image channels are noisy copies of a smooth lesion field, so a net can learn something."""
     import json
 

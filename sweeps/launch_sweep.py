@@ -179,10 +179,11 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
 
     from sweeps.execute import (ExecutionSettings, Executor, alive_nodes, connect_ray, resource_problems,
                                 trial_slots)
+    from sweeps.resume import checkpoint_dir, pick_up
     from sweeps.summary import degenerate_text, outcome_table
-    from tracking.guard import degenerate_models
     from sweeps.trainable import TrialContext
     from tracking import runs as tr
+    from tracking.guard import degenerate_models
     from tracking.lease import Heartbeat, driver_tags, heartbeat_every, live_leases
     from tracking.models import prepare_experiment, source_tags
     from tracking.store import client as make_client, get_or_create_experiment, local_store_path, ui_command
@@ -201,14 +202,12 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
               "this launch runs only the trials it has not claimed", file=out)
     runs_url = prepare_experiment(client, exp_id, uri)  # the UI opens on the runs (tracking.models)
     run_tags = source_tags(ENTRY_POINT, git_commit())
-    if opts.resume:
-        closed = tr.close_stale_runs(client, exp_id)
-        if closed:
-            print(f"resume: closed {len(closed)} stale RUNNING run(s) of a dead launch as KILLED", file=out)
-    finished = tr.finished_trial_runs(client, exp_id, plan.by_key)
-    done_before = finished if opts.resume else {}
-    if finished and not opts.resume:
-        print(f"note: {len(finished)} of these trials already FINISHED in experiment {experiment}; "
+    picked = pick_up(client, exp_id, plan.by_key, opts.resume)
+    if picked.closed:
+        print(f"resume: closed {len(picked.closed)} stale RUNNING run(s) of a dead launch as KILLED", file=out)
+    done_before = picked.done_before
+    if picked.finished and not opts.resume:
+        print(f"note: {len(picked.finished)} of these trials already FINISHED in experiment {experiment}; "
               "they run again (--resume skips them)", file=out)
     todo = [t for t in plan.trials if t.key not in done_before]
 
@@ -243,6 +242,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
                                      launch_name=f"{grid.name}-{parent[:8]}",
                                      max_failures=grid.execution.max_failures,
                                      max_concurrent=grid.execution.max_concurrent,
+                                     checkpoint_dir=str(checkpoint_dir(grid.work_dir).resolve()),
                                      stage_runner=opts.stage_runner)
         executor = Executor(plan, client, ctx, settings, done_before, data_errors, out)
         outcomes = executor.run()
@@ -253,13 +253,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     except BaseException as exc:
         if parent is not None and not parent_done:
             # Interrupted (Ctrl-C, SIGTERM): KILLED, as --resume would call them; a crash: FAILED.
-            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
-            reason = f"launch aborted: {type(exc).__name__}: {exc}"
-            try:
-                tr.close_running_trials(client, exp_id, parent, status, reason)
-                tr.end_run(client, parent, status, reason)
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
+            tr.abort_launch(client, exp_id, parent, exc)
         raise
     finally:
         if beat is not None:
@@ -306,34 +300,27 @@ def _storage_path(opts: LaunchOptions, grid: GridConfig) -> str:
 
 def _end_sweep(client, parent: str, outcomes: Mapping, wall: float) -> bool:
     """End the sweep run FINISHED when every trial is (or another live launch runs it), else
-    FAILED, with the launch's totals."""
-    from sweeps.execute import DONE_BEFORE, ELSEWHERE, FAILED, FINISHED, SKIPPED
+    FAILED (tracking.runs.sweep_status), with the launch's totals; True when FINISHED."""
     from tracking import runs as tr
+    from tracking import schema
 
-    n = {s: sum(o.status == s for o in outcomes.values())
-         for s in (FINISHED, FAILED, SKIPPED, DONE_BEFORE, ELSEWHERE)}
-    ok = n[FINISHED] + n[DONE_BEFORE] + n[ELSEWHERE] == len(outcomes)
-    tr.end_sweep_run(client, parent, "FINISHED" if ok else "FAILED",
-                     {"trials_planned": len(outcomes), "trials_finished": n[FINISHED],
-                      "trials_failed": n[FAILED], "trials_skipped": n[SKIPPED],
-                      "trials_done_before": n[DONE_BEFORE], "trials_elsewhere": n[ELSEWHERE],
-                      "wall_seconds": wall,
-                      "compute_seconds": sum(o.compute_seconds for o in outcomes.values()
-                                             if o.status != DONE_BEFORE)})
-    return ok
+    O = tr.TrialOutcome  # noqa: N806
+    n = {s: sum(o.status == s for o in outcomes.values()) for s in O}
+    status = tr.end_sweep_run(client, parent, [o.status for o in outcomes.values()], {
+        schema.TRIALS_PLANNED: len(outcomes), schema.TRIALS_FINISHED: n[O.FINISHED],
+        schema.TRIALS_FAILED: n[O.FAILED], schema.TRIALS_SKIPPED: n[O.SKIPPED],
+        schema.TRIALS_DONE_BEFORE: n[O.DONE_BEFORE], schema.TRIALS_ELSEWHERE: n[O.ELSEWHERE],
+        schema.WALL_SECONDS: wall,
+        schema.COMPUTE_SECONDS: sum(o.compute_seconds for o in outcomes.values() if o.status != O.DONE_BEFORE)})
+    return status == tr.FINISHED
 
 
 def _report(experiment: str, uri: str, parent: str, out_dir: Path, out: TextIO, err: TextIO) -> None:
     """The analysis report (tracking.report) of the whole experiment; its failure is reported,
     not fatal -- the trials' exit status stands."""
-    try:
-        from tracking.report import build_report
-    except ImportError:
-        print("report: tracking.report is not available; skipped", file=out)
-        return
     import warnings
 
-    from tracking.report import ReportWarning
+    from tracking.report import ReportWarning, build_report
 
     try:
         with warnings.catch_warnings():  # printed below, once each, without a stack line
