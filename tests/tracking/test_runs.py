@@ -6,23 +6,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tracking import schema
 from tracking.runs import (TrialRun, close_stale_runs, create_failed_run, fetch_artifacts,
                            finished_trial_runs, start_sweep_run, trial_runs_under)
-from tracking.store import get_or_create_experiment
 
-TAGS = {schema.STAGE: "base", schema.DATASET: "brats18", schema.WEIGHTS: "CE", schema.METHOD: "base",
-        schema.FOLD: "0", schema.LR: "", schema.PROTOCOL: "honest"}
-
-
-@pytest.fixture
-def store(mlflow_store):
-    client = MlflowClient(mlflow_store)
-    exp = get_or_create_experiment(client, "calib-test", mlflow_store)
-    parent = start_sweep_run(client, exp, grid_name="test", grid_yaml="name: test\n", git_commit="abc")
-    return client, exp, parent
+from run_helpers import BASE_TRIAL_TAGS as TAGS
 
 
 def test_sweep_run_and_local_artifacts(store, tmp_path, mlflow_store):

@@ -4,24 +4,13 @@ from the trials' outcomes, an aborted launch, and the reconcile step -- on a rea
 from __future__ import annotations
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tracking import schema
 from tracking.runs import (FAILED, FINISHED, KILLED, RUNNING, TrialOutcome, TrialRun, abort_launch, close_run,
-                           end_sweep_run, error_status, find_trial_run, reconcile_trial, start_sweep_run,
+                           end_sweep_run, error_status, find_trial_run, reconcile_trial,
                            sweep_status)
-from tracking.store import get_or_create_experiment
 
-TAGS = {schema.STAGE: "base", schema.DATASET: "brats18", schema.WEIGHTS: "CE", schema.METHOD: "base",
-        schema.FOLD: "0", schema.LR: "", schema.PROTOCOL: "honest"}
-
-
-@pytest.fixture
-def store(mlflow_store):
-    client = MlflowClient(mlflow_store)
-    exp = get_or_create_experiment(client, "calib-test", mlflow_store)
-    parent = start_sweep_run(client, exp, grid_name="test", grid_yaml="name: test\n")
-    return client, exp, parent
+from run_helpers import BASE_TRIAL_TAGS as TAGS
 
 
 def test_statuses_are_mlflows_and_the_error_rule_is_one():
