@@ -120,11 +120,34 @@ def _fetch_upstream(client, ctx: TrialContext, spec: TrialSpec, needs, scratch: 
     return {name: fetch_artifacts(client, run_id, name, scratch / "upstream") for name in needs}
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window for this process; True when the platform allows it.
+
+    Ray reuses worker processes, so the process's lifetime peak (``ru_maxrss``) would charge a
+    light trial with the memory of a heavy one that ran before it in the same worker. Linux
+    resets the high-water mark ``VmHWM`` when "5" is written to ``/proc/self/clear_refs``.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB since :func:`reset_peak_rss` (Linux
+    ``VmHWM``), or over the process's life (``ru_maxrss``) where ``/proc`` is not available."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak) / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
 
@@ -141,8 +164,8 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         schema.N_SUBJECTS: float(per_subject["subject_id"].nunique()),
         schema.COMPUTE_SECONDS: float(seconds),
         # the cost model's inputs (sweeps/simulate.py, --estimate): seconds per epoch run, and
-        # the peak resident memory of the worker process that ran the trial
-        schema.PEAK_RSS_MB: _peak_rss_mb(),
+        # the peak resident memory of the worker process while it ran this trial
+        schema.PEAK_RSS_MB: peak_rss_mb(),
     }
     epochs = len(result.history or ())
     if epochs:
@@ -226,6 +249,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
         return
 
     scratch = Path(tempfile.mkdtemp(prefix=f"calib-{spec.key[:10]}-"))
+    reset_peak_rss()  # peak_rss_mb is this trial's, not the reused worker's lifetime peak
     finished = False
     try:  # from here on every way out closes the run (FINISHED or FAILED)
         # Where this attempt runs: on a cluster, the node to look at when a trial misbehaves.
