@@ -18,12 +18,11 @@ target device; its ``train_voxels_per_s`` is the BraTS net's) or, without one, f
 of each dataset's network measured here, on this machine's CPU: the printout says which. With a
 file, the ISLES net (half the features) is scaled from its BraTS figure by the two nets' speed
 ratio measured here. Wall time packs trials on ``--gpus`` devices by the grid's ``resources:`` (fractional
-GPUs share a device) with a dependency-aware list scheduler, as the graph scheduler runs them.
+GPUs share a device) with sweeps.simulate's list scheduler, as the graph scheduler runs them.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 import time
@@ -153,36 +152,14 @@ def trial_seconds(t: TrialSpec, plan: Plan, vps: float, n_subjects: int) -> floa
 
 
 def makespan(plan: Plan, seconds: dict[str, float], gpus: int) -> float:
-    """Wall seconds on ``gpus`` devices: list scheduling in dependency order, each trial taking
-    its ``resources.gpu`` share of one device (a whole device when it asks for none)."""
-    free = [1.0] * gpus
-    done_at: dict[str, float] = {}
-    running: list[tuple[float, str, int, float]] = []  # (end, key, device, share)
-    now = 0.0
-    waiting = list(plan.trials)  # dependency order
-    while waiting or running:
-        started = True
-        while started:
-            started = False
-            for t in list(waiting):
-                if t.upstream and t.upstream not in done_at:
-                    continue
-                share = t.resources.gpu or 1.0
-                dev = next((i for i, f in enumerate(free) if f >= share - 1e-9), None)
-                if dev is None:
-                    continue
-                free[dev] -= share
-                start = max(now, done_at.get(t.upstream, 0.0))
-                heapq.heappush(running, (start + seconds[t.key], t.key, dev, share))
-                waiting.remove(t)
-                started = True
-        if not running:
-            break
-        end, key, dev, share = heapq.heappop(running)
-        now = end
-        done_at[key] = end
-        free[dev] += share
-    return now
+    """Wall seconds on ``gpus`` devices as the graph scheduler runs the plan (sweeps.simulate):
+    each trial takes its ``resources.gpu`` share of one device (a whole device when it asks for
+    none)."""
+    from sweeps.simulate import Task, simulate
+
+    tasks = [Task(t.key, seconds[t.key], t.resources.gpu or 1.0, 0.0, t.upstream, t.wave, t.stage, t.label)
+             for t in plan.trials]
+    return simulate(tasks, gpus, "graph").makespan
 
 
 def estimate(plan: Plan, throughput: Throughput, gpus: int = 1) -> dict:
