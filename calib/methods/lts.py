@@ -77,7 +77,11 @@ class LocalTemperatureScaling(LogitCalibrator):
     name = "lts"
 
     def build_module(self) -> nn.Module:
-        return LocalTemperature(self.params["hidden"])
+        # The only calibrator with random initial weights: seed them from the method's own seed,
+        # not from the global RNG, whose state depends on what ran before in a reused worker.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.train_config().seed)
+            return LocalTemperature(self.params["hidden"])
 
     @torch.no_grad()
     def temperature_map(self, logits: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
