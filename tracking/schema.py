@@ -30,6 +30,8 @@ NODE_ID = "calib.node_id"  # the Ray node the trial ran on (its last attempt)
 NODE_IP = "calib.node_ip"  # that node's IP address
 FIT_SPLIT = "calib.fit_split"  # the split the stage fitted on: train | calib (calib.stages)
 DEGENERATE = "calib.degenerate"  # base stage: why the guard found the model collapsed (calib.guard)
+# calibrate stage: why the fitted calibrator's test output is constant over the mask (calib.guard)
+CONSTANT_OUTPUT = "calib.constant_output"
 
 GRID = "calib.grid"  # on the sweep run: grid name
 RESUMED = "calib.resumed"  # on the sweep run: "true" for a --resume launch
@@ -49,6 +51,13 @@ COMPUTE_SECONDS = "compute_seconds"  # training + evaluation time of the trial, 
 FINAL_METRICS = (DICE_MEAN, ECE_MEAN, BEST_VAL_LOSS, N_SUBJECTS, COMPUTE_SECONDS)
 PEAK_RSS_MB = "peak_rss_mb"  # peak resident memory of the worker process during the trial, MiB
 SECONDS_PER_EPOCH = "seconds_per_epoch"  # compute seconds / epochs run
+# The predictor scored on the fold's val subjects exactly as on test (held-out model selection,
+# tracking.report.headline); fractions, means over the val subjects.
+VAL_DICE_MEAN = "val_dice_mean"
+VAL_ECE_MEAN = "val_ece_mean"
+VAL_NLL_MEAN = "val_nll_mean"
+VAL_BRIER_MEAN = "val_brier_mean"
+VAL_METRICS = (VAL_DICE_MEAN, VAL_ECE_MEAN, VAL_NLL_MEAN, VAL_BRIER_MEAN)
 GUARD_FOREGROUND_FRACTION = "guard_foreground_fraction"  # base: predicted fg / mask, val subjects
 GUARD_MEDIAN_ABS_LOGIT = "guard_median_abs_logit"  # base: median |logit| in the mask, val subjects
 
@@ -63,6 +72,7 @@ WALL_SECONDS = "wall_seconds"  # the launch's wall time; its COMPUTE_SECONDS: it
 
 # ---- artifacts -----------------------------------------------------------------------------------
 PER_SUBJECT = "per_subject.csv"  # subject_id, fold, dice, ece, ...
+VAL_PER_SUBJECT = "val_per_subject.csv"  # the same columns, on the fold's val subjects
 RELIABILITY_BINS = "reliability_bins.csv"  # subject_id, bin, count, conf_sum, pos_sum
 WEIGHTS_DIR = "weights"  # the stage's model file (base weights; fitted calibration method)
 WEIGHTS_FILE = f"{WEIGHTS_DIR}/{WEIGHTS_NAME}"  # a U-Net stage's model, read by its dependants
