@@ -10,9 +10,11 @@ import pandas as pd
 
 from calib import metrics
 
-#: Columns of per_subject.csv, in order (true_ce only when the subject has a true probability).
+#: Columns of per_subject.csv (and val_per_subject.csv), in order; the last two only when the
+#: subject has a true probability (phantoms).
 PER_SUBJECT_COLUMNS = ("subject_id", "fold", "dice", "ece", "brier", "nll", "mce", "boundary_ece",
-                       "adaptive_ece", "classwise_ece", "ueo", "error_auroc", "true_ce")
+                       "adaptive_ece", "classwise_ece", "ueo", "error_auroc", "true_ece",
+                       "p_star_distance")
 #: The per-subject metric columns (every column but the keys), for summaries such as ``<col>_mean``.
 METRIC_COLUMNS = PER_SUBJECT_COLUMNS[2:]
 BIN_COLUMNS = ("subject_id", "bin", "count", "conf_sum", "pos_sum")
@@ -29,13 +31,14 @@ def evaluate_subject(prob: np.ndarray, label: np.ndarray, mask: np.ndarray,
         n_bins: ECE / reliability bins (20 in the paper).
 
     Returns:
-        ``row``: ``dice`` (threshold 0.5), ``ece``, ``brier``, ``nll``, ``mce``, ``boundary_ece``,
-        ``adaptive_ece`` (equal-mass bins), ``classwise_ece`` (both classes), ``ueo``
-        (uncertainty-error overlap: Dice of normalised entropy > 0.5 against the errors),
-        ``error_auroc`` (errors detected by min(p, 1 - p); NaN without errors) -- fractions, not
-        % -- and ``true_ce`` = mean |prob - true_prob| in the mask when ``true_prob`` is given
-        (:mod:`calib.metrics` documents each); ``bins``: DataFrame ``bin, count, conf_sum,
-        pos_sum`` (n_bins rows; these add across subjects, see
+        ``row``: ``dice`` (threshold 0.5), ``ece``, ``brier``, ``nll``, ``mce``, ``boundary_ece``
+        (in the band around the prediction's 0.5 surface), ``adaptive_ece`` (equal-mass bins),
+        ``classwise_ece`` (both classes), ``ueo`` (uncertainty-error overlap: Dice of normalised
+        entropy > 0.5 against the errors), ``error_auroc`` (errors detected by min(p, 1 - p); NaN
+        without errors) -- fractions, not % -- and, when ``true_prob`` is given, ``true_ece``
+        (the label-free ECE against it, same bins as ``ece``) and ``p_star_distance`` (mean
+        |prob - true_prob| in the mask) (:mod:`calib.metrics` documents each); ``bins``:
+        DataFrame ``bin, count, conf_sum, pos_sum`` (n_bins rows; these add across subjects, see
         :func:`calib.metrics.ece_from_bins`).
     """
     prob = np.asarray(prob, dtype=np.float32)
@@ -62,7 +65,8 @@ def evaluate_subject(prob: np.ndarray, label: np.ndarray, mask: np.ndarray,
         true_prob = np.asarray(true_prob, dtype=np.float32)
         if true_prob.shape != prob.shape:
             raise ValueError(f"true_prob {true_prob.shape} does not match prob {prob.shape}")
-        row["true_ce"] = metrics.true_ce(prob, true_prob, mask)
+        row["true_ece"] = metrics.true_ece(prob, true_prob, mask, n_bins=n_bins)
+        row["p_star_distance"] = metrics.p_star_distance(prob, true_prob, mask)
     bins = pd.DataFrame({"bin": np.arange(n_bins), "count": np.asarray(count),
                          "conf_sum": np.asarray(conf_sum, dtype=np.float64),
                          "pos_sum": np.asarray(pos_sum, dtype=np.float64)})
@@ -75,8 +79,8 @@ def evaluate_subjects(predict: Callable[[object], np.ndarray], subjects: Iterabl
 
     Each subject needs ``subject_id``, ``label``, ``mask`` and ``true_prob`` (None allowed), as
     :class:`calib.methods.SubjectRef` has. Returns ``(per_subject, reliability_bins)`` with the
-    columns :data:`PER_SUBJECT_COLUMNS` (``true_ce`` when any subject has a true probability;
-    NaN for those without) and :data:`BIN_COLUMNS`.
+    columns :data:`PER_SUBJECT_COLUMNS` (``true_ece`` and ``p_star_distance`` when any subject has
+    a true probability; NaN for those without) and :data:`BIN_COLUMNS`.
     """
     rows, bins = [], []
     for subject in subjects:

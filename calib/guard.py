@@ -1,4 +1,5 @@
-"""The degenerate-model guard: is a trained base model collapsed?
+"""The degenerate-model guard: is a trained base model collapsed? And the constant-output check:
+does a fitted calibrator map every voxel to one value?
 
 A collapsed base model (every voxel background, every voxel foreground, or logits so large that
 float32 probabilities are exactly 0 or 1) makes every calibration of it meaningless, and its
@@ -6,11 +7,16 @@ ECE and Dice would be averaged into the tables like any other model's. The guard
 model's *validation* subjects (never the test fold) after the base stage; the sweep tags such a
 model ``calib.degenerate`` and the report leaves it and its calibrations out of the tables,
 naming them under each one.
+
+A calibrator can collapse too: histogram binning whose quantile edges tie on a network's
+float-floor probabilities outputs one value over the whole mask (Dice 0, a small ECE).
+:func:`constant_output` looks at the calibrated *test* maps (what is scored) and the sweep tags
+such a trial ``calib.constant_output``; the run still finishes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,6 +29,12 @@ EVERYWHERE_FRACTION = 0.9
 #: ~ 88.7, exp(|z|) overflows in float32 and sigmoid(z) is exactly 0 or 1, so more than half of
 #: the brain has no probability left to calibrate (the demo's collapsed ISLES model: 566-1198).
 SATURATED_MEDIAN_ABS_LOGIT = 88.7
+#: A calibrated map is constant on a subject when its values inside the mask span at most this
+#: (max - min). float32 resolves ~6e-8 near 1 and ~1e-45 near 0, so a spread of 1e-6 is no
+#: ranking of the voxels, while any map that still orders them (a temperature, a histogram
+#: binning with two or more occupied bins) spreads far more. Few distinct values are not flagged:
+#: histogram binning legitimately outputs at most its number of bins.
+CONSTANT_RANGE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -76,3 +88,34 @@ def check_degenerate(cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]])
     elif predicted == 0 and positives > 0:
         reason = f"predicts foreground nowhere (labels {100 * lab:.2f} % of the mask)"
     return GuardReport(n, fg, lab, median, reason)
+
+
+def output_range(prob: np.ndarray, mask: np.ndarray) -> tuple[float, float] | None:
+    """``(min, max)`` of ``prob`` inside ``mask`` (both (X, Y, Z)); None for an empty mask."""
+    values = np.asarray(prob)[np.asarray(mask, dtype=bool)]
+    if not values.size:
+        return None
+    return float(values.min()), float(values.max())
+
+
+def constant_from_ranges(ranges: Sequence[tuple[float, float] | None]) -> str | None:
+    """:func:`constant_output` from the per-subject ``(min, max)`` of :func:`output_range`."""
+    seen = [r for r in ranges if r is not None]
+    if not seen or any(hi - lo > CONSTANT_RANGE for lo, hi in seen):
+        return None
+    lo, hi = min(r[0] for r in seen), max(r[1] for r in seen)
+    values = f"{lo:.4g}" if hi - lo <= CONSTANT_RANGE else f"{lo:.4g} to {hi:.4g} across subjects"
+    return (f"constant output: on each of the {len(seen)} test subjects the calibrated probability "
+            f"spans <= {CONSTANT_RANGE:g} inside the mask (p = {values}); it ranks no voxel")
+
+
+def constant_output(probs: Iterable[np.ndarray], masks: Iterable[np.ndarray]) -> str | None:
+    """Why a calibrator's output is constant over the mask, or None when it is not.
+
+    ``probs`` and ``masks``: one (X, Y, Z) calibrated probability map and bool mask per test
+    subject (iterables, consumed one subject at a time). Constant when on every subject with a
+    non-empty mask ``max - min`` of the probabilities inside the mask is at most
+    :data:`CONSTANT_RANGE` (the value may differ between subjects: it still ranks no voxel of
+    any). None when no subject has a voxel in its mask.
+    """
+    return constant_from_ranges([output_range(p, m) for p, m in zip(probs, masks, strict=True)])

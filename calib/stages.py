@@ -2,8 +2,9 @@
 
 Each stage trains with :func:`calib.training.fit` (checkpoint ``work_dir/checkpoint.pt``, resumed
 when present, so a retried trial continues mid-training and a finished one returns at once),
-writes its weights into ``work_dir``, evaluates on the split's test fold and returns a
-:class:`StageResult`. Nothing here knows about Ray or MLflow.
+writes its weights into ``work_dir``, evaluates on the split's test fold -- and, with the same
+predict function (MC dropout with its samples), on the fold's ``val`` subjects, for held-out
+model selection -- and returns a :class:`StageResult`. Nothing here knows about Ray or MLflow.
 
 Protocols (:func:`make_split`), who fits on what within one fold (test = the held-out fold):
 
@@ -45,7 +46,7 @@ import torch
 
 from calib.data.batches import VolumeBatches
 from calib.evaluate import evaluate_subjects
-from calib.guard import GuardReport, check_degenerate
+from calib.guard import GuardReport, check_degenerate, constant_from_ranges, output_range
 from calib.preview import keep_first_preview
 from calib.stage_files import CHECKPOINT_NAME, LOGITS_DIRNAME, METHOD_NAME, WEIGHTS_NAME
 from calib.logits import export_logits
@@ -213,6 +214,9 @@ class StageResult:
     splits: dict[str, Any] = field(default_factory=dict)
     guard: GuardReport | None = None
     preview: dict[str, np.ndarray] = field(default_factory=dict)  # calib.preview, first test subject
+    val_per_subject: pd.DataFrame | None = None
+    val_reliability_bins: pd.DataFrame | None = None
+    constant_output: str | None = None
 
     @property
     def degenerate(self) -> str | None:
@@ -226,6 +230,15 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _evaluate_val(predict: Callable, split: FoldSplit, logits_dir: Path | None,
+                  test: tuple[pd.DataFrame, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(per_subject, reliability_bins)`` of ``predict`` on the fold's val subjects. Where val
+    is the test fold (``paper``) the test evaluation ``test`` is that evaluation: no second pass."""
+    if split.val_ids == split.test_ids:
+        return test[0].copy(), test[1].copy()
+    return evaluate_subjects(predict, split.subjects("val", logits_dir), split.fold)
 
 
 def _train_unet(model: UNet3D, loss: str, train_cfg: TrainConfig, split: FoldSplit,
@@ -249,12 +262,18 @@ def _finish_unet_stage(model: UNet3D, result: FitResult, split: FoldSplit, work_
                        device: torch.device, params: dict) -> StageResult:
     weights = save_weights(model.cpu(), Path(work_dir) / WEIGHTS_NAME)
     preview: dict = {}
-    predict = keep_first_preview(lambda s: unet_probability(model, s, device), preview)
-    per_subject, bins = evaluate_subjects(predict, split.subjects("test"), split.fold)
+
+    def predict(s):
+        return unet_probability(model, s, device)
+
+    per_subject, bins = evaluate_subjects(keep_first_preview(predict, preview),
+                                          split.subjects("test"), split.fold)
+    val_per_subject, val_bins = _evaluate_val(predict, split, None, (per_subject, bins))
     model.cpu()
     params = {**params, **split.describe("train")}
     return StageResult(weights, per_subject, bins, result.best_val_loss, result.epochs_run,
-                       list(result.history), {}, params, split.to_dict(), preview=preview)
+                       list(result.history), {}, params, split.to_dict(), preview=preview,
+                       val_per_subject=val_per_subject, val_reliability_bins=val_bins)
 
 
 def run_pretrain(net_cfg: UNetConfig, train_cfg: TrainConfig, split: FoldSplit, work_dir: Path,
@@ -320,7 +339,8 @@ IMPORTED_NAME = "imported.json"
 
 def run_imported(split: FoldSplit, logits_dir: Path, work_dir: Path) -> StageResult:
     """The "base model" of another network's imported predictions (calib.data.predictions):
-    nothing trains; their own probabilities are scored on the test fold, their BCE on ``val`` is
+    nothing trains; their own probabilities are scored on the test fold and on ``val``, their BCE
+    on ``val`` is
     the validation loss, and the guard looks at them as at a trained base model. The stage's file
     (``imported.json``) records the logit cache they came from."""
     from calib.losses import bce_loss
@@ -336,6 +356,7 @@ def run_imported(split: FoldSplit, logits_dir: Path, work_dir: Path) -> StageRes
     preview: dict = {}
     per_subject, bins = evaluate_subjects(keep_first_preview(prob, preview),
                                           split.subjects("test", logits_dir), split.fold)
+    val_per_subject, val_bins = _evaluate_val(prob, split, logits_dir, (per_subject, bins))
     losses = []
     for s in SubjectSet(split.val_ids, cache_dir=split.cache_dir, logits_dir=logits_dir):
         z = torch.from_numpy(s.logits)[None, None]
@@ -347,7 +368,8 @@ def run_imported(split: FoldSplit, logits_dir: Path, work_dir: Path) -> StageRes
     record.write_text(json.dumps({"logits": str(logits_dir), "index": read_index(logits_dir)}, indent=2, default=str))
     params = {"protocol": split.protocol, "init": "imported predictions", **split.describe("none")}
     stage = StageResult(record, per_subject, bins, float(np.mean(losses)), 0, [], {}, params,
-                        split.to_dict(), preview=preview)
+                        split.to_dict(), preview=preview, val_per_subject=val_per_subject,
+                        val_reliability_bins=val_bins)
     stage.guard = guard_model(logits_dir, split.val_ids)
     return stage
 
@@ -362,7 +384,7 @@ def run_calibrate(method: str, params: Mapping[str, Any] | None, weights: str,
                   net_cfg: UNetConfig, train_cfg: TrainConfig, split: FoldSplit,
                   base_weights: Path, base_logits: Path | None, work_dir: Path,
                   device: torch.device, callbacks: Sequence[Callback] = ()) -> StageResult:
-    """Fit calibration ``method`` and evaluate it on the test fold.
+    """Fit calibration ``method`` and evaluate it on the test fold and on ``val``.
 
     Post hoc methods fit on the split's ``calib`` subjects, retrainings of the network (MC
     dropout) on ``train`` (the method's ``fit_split``); both early-stop on ``val``.
@@ -370,7 +392,9 @@ def run_calibrate(method: str, params: Mapping[str, Any] | None, weights: str,
     Logit-based methods read ``base_logits`` (the base stage's export) only; network-based ones
     start from ``base_weights``. ``train_cfg`` gives the schedule (max_epochs, patience, factor,
     seed); the method's recipe gives LR and batch size; ``params`` override both. The fitted
-    method is saved to ``work_dir/method.pt`` (:func:`calib.methods.load_method`).
+    method is saved to ``work_dir/method.pt`` (:func:`calib.methods.load_method`). A method
+    whose calibrated test maps are constant over the mask is flagged in
+    ``StageResult.constant_output`` (:func:`calib.guard.constant_output`).
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -388,12 +412,26 @@ def run_calibrate(method: str, params: Mapping[str, Any] | None, weights: str,
     result = calibrator.fit(fit_set, val, device, callbacks, work_dir / CHECKPOINT_NAME)
     saved = calibrator.save(work_dir / METHOD_NAME)
     preview: dict = {}
-    predict = keep_first_preview(lambda s: calibrator.predict_proba(s, device), preview)
-    per_subject, bins = evaluate_subjects(predict, split.subjects("test", logits_dir), split.fold)
+    ranges: list = []  # (min, max) inside the mask of each calibrated test map
+
+    def predict(s):
+        return calibrator.predict_proba(s, device)
+
+    def predict_test(s):
+        prob = predict(s)
+        ranges.append(output_range(prob, s.mask))
+        return prob
+
+    # test first: MC sampling draws from the RNG in the order the subjects are predicted
+    per_subject, bins = evaluate_subjects(keep_first_preview(predict_test, preview),
+                                          split.subjects("test", logits_dir), split.fold)
+    val_per_subject, val_bins = _evaluate_val(predict, split, logits_dir, (per_subject, bins))
     recorded = {"method": method, "weights": weights, "protocol": split.protocol,
                 **split.describe(fit_on),
                 **calibrator.params, **calibrator.describe()}
     if hasattr(calibrator, "loss_name"):
         recorded["loss"] = calibrator.loss_name()
     return StageResult(saved, per_subject, bins, result.best_val_loss, result.epochs_run,
-                       list(result.history), {}, recorded, split.to_dict(), preview=preview)
+                       list(result.history), {}, recorded, split.to_dict(), preview=preview,
+                       val_per_subject=val_per_subject, val_reliability_bins=val_bins,
+                       constant_output=constant_from_ranges(ranges))

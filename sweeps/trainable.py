@@ -170,13 +170,24 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
     epochs = len(result.history or ())
     if epochs:
         metrics[schema.SECONDS_PER_EPOCH] = float(seconds) / epochs
-    # every other per-subject metric the stage computed (brier, nll, true_ce, ...), as its mean
+    # every other per-subject metric the stage computed (brier, nll, true_ece, p_star_distance,
+    # ...), as its mean
     for col in per_subject.columns:
         if col in schema.PER_SUBJECT_COLUMNS:
             continue
         values = pd.to_numeric(per_subject[col], errors="coerce")
         if values.notna().any():
             metrics[f"{col}_mean"] = float(values.mean())
+    # the predictor scored on the fold's val subjects as on test: held-out model selection
+    val = getattr(result, "val_per_subject", None)
+    if val is not None and len(val):
+        for name, col in ((schema.VAL_DICE_MEAN, "dice"), (schema.VAL_ECE_MEAN, "ece"),
+                          (schema.VAL_NLL_MEAN, "nll"), (schema.VAL_BRIER_MEAN, "brier")):
+            if col not in val.columns:
+                continue
+            values = pd.to_numeric(val[col], errors="coerce")
+            if values.notna().any():
+                metrics[name] = float(values.mean())
     guard = getattr(result, "guard", None)
     if guard is not None:  # the degenerate-model guard's view of the validation subjects
         metrics[schema.GUARD_FOREGROUND_FRACTION] = float(guard.foreground_fraction)
@@ -187,6 +198,8 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         tags[schema.FIT_SPLIT] = fit_split
     if getattr(result, "degenerate", None):
         tags[schema.DEGENERATE] = str(result.degenerate)[:500]
+    if getattr(result, "constant_output", None):  # flagged, and the run still finishes
+        tags[schema.CONSTANT_OUTPUT] = str(result.constant_output)[:500]
     if tags:
         run.set_tags(tags)
     if getattr(result, "splits", None):
@@ -196,6 +209,8 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
 
         run.log_artifact(save_preview(result.preview, Path(result.weights).parent / schema.PREVIEW))
     run.log_text(per_subject.to_csv(index=False), schema.PER_SUBJECT)
+    if val is not None:
+        run.log_text(val.to_csv(index=False), schema.VAL_PER_SUBJECT)
     run.log_text(result.reliability_bins.to_csv(index=False), schema.RELIABILITY_BINS)
     run.log_artifact(result.weights, schema.WEIGHTS_DIR)
     for name, path in result.extra_artifacts.items():

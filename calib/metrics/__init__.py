@@ -13,7 +13,7 @@ Conventions (the paper's public code, AxelJanRousseau/PostTrainCalibration ``my_
   :mod:`calib.metrics.binning`). A fraction; the paper's tables show %.
 * ``dice``: prediction ``p > 0.5``; empty prediction and empty label -> 1.0.
 * Empty mask: ``ece``, ``mce``, ``top_label_ece``, ``classwise_ece``, ``adaptive_ece``, ``brier``,
-  ``nll``, ``boundary_ece``, ``true_ce``, ``error_detection_auroc`` -> NaN; ``dice`` and
+  ``nll``, ``boundary_ece``, ``true_ece``, ``p_star_distance``, ``error_detection_auroc`` -> NaN; ``dice`` and
   ``uncertainty_error_overlap`` -> 1.0 (nothing predicted, nothing to find).
 
 Beyond the paper:
@@ -24,8 +24,11 @@ Beyond the paper:
   ``H(p)/ln 2 > 0.5`` and the error map ``(p > 0.5) != label``; ``error_detection_auroc``: AUROC of
   the error voxels scored by ``min(p, 1 - p)`` (:mod:`calib.metrics.uncertainty`). Both take
   another uncertainty map (e.g. a standard deviation over MC or flip samples) as ``uncertainty``.
-* ``true_ce(probs, true_probs, mask)``: ``mean |p - p*|`` against the known probability of a
-  phantom.
+* Against the known probability ``p*`` of a phantom (:mod:`calib.metrics.truth`):
+  ``true_ece(probs, true_probs, mask)``, the label-free true ECE over the same bins as ``ece``
+  (``sum_k (n_k/N) |mean_k p - mean_k p*|``: what ECE estimates), and
+  ``p_star_distance(probs, true_probs, mask)``, ``mean |p - p*|`` (>= the true ECE by Jensen; it
+  counts sharpness too, so it is not a calibration error).
 
 How other libraries differ (read from torchmetrics 1.9.0 and MONAI 1.6.1 sources):
 
@@ -56,7 +59,8 @@ from calib.metrics.binning import (
     top_label_ece,
 )
 from calib.metrics.boundary import boundary_band, boundary_ece
-from calib.metrics.scores import NLL_EPS, brier, dice, nll, true_ce
+from calib.metrics.scores import NLL_EPS, brier, dice, nll
+from calib.metrics.truth import p_star_distance, true_ece, true_reliability_bins
 from calib.metrics.uncertainty import (
     UEO_THRESHOLD,
     error_detection_auroc,
@@ -82,8 +86,10 @@ __all__ = [
     "mce_from_bins",
     "nll",
     "normalised_entropy",
+    "p_star_distance",
     "reliability_bins",
     "top_label_ece",
-    "true_ce",
+    "true_ece",
+    "true_reliability_bins",
     "uncertainty_error_overlap",
 ]

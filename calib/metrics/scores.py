@@ -1,5 +1,4 @@
-"""Dice, Brier score, negative log-likelihood and the true calibration error of one volume,
-inside a mask."""
+"""Dice, Brier score and negative log-likelihood of one volume, inside a mask."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import numpy as np
 import torch
 
 from calib.metrics._inputs import (
-    MetricInputError,
     check_probs_range,
     device_of,
     numpy_binary,
@@ -85,32 +83,3 @@ def nll(probs: Any, labels: Any, mask: Any = None, eps: float = NLL_EPS) -> floa
         return math.nan
     p = np.clip(p, eps, 1 - eps)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
-
-
-def true_ce(probs: Any, true_probs: Any, mask: Any = None) -> float:
-    """True calibration error: ``mean |p - p*|`` over ``mask``, where ``p*`` (``true_probs``, same
-    shape, in [0, 1]) is the probability the labels were drawn from -- known for phantoms.
-
-    The sampled-label ECE can only estimate how far ``p`` is from ``p*``; this measures it,
-    voxel by voxel, without bins. A fraction; NaN for an empty mask.
-    """
-    shape = shape_of(probs)
-    if tuple(shape_of(true_probs)) != tuple(shape):
-        raise MetricInputError(f"true_probs has shape {tuple(shape_of(true_probs))} but probs have "
-                               f"shape {tuple(shape)}")
-    if use_torch(probs, true_probs, mask):
-        dev = device_of(probs, true_probs, mask)
-        p, t = torch_probs(probs, dev).double(), torch_probs(true_probs, dev).double()
-        m = torch_mask(mask, shape, dev)
-        if m is not None:
-            p, t = p[m], t[m]
-        return float((p - t).abs().mean()) if p.numel() else math.nan
-    p, t = numpy_probs(probs), numpy_probs(true_probs)
-    m = numpy_mask(mask, shape)
-    if m is not None:
-        p, t = p[m.view(bool)], t[m.view(bool)]
-    if not p.size:
-        return math.nan
-    for a in (p, t):
-        check_probs_range(float(a.min()), float(a.max()))
-    return float(np.abs(p.astype(np.float64) - t.astype(np.float64)).mean())

@@ -1,6 +1,6 @@
 """The evaluation protocol's guarantees: calibrators fit on held-out subjects and fix a known
 miscalibration, MC validation is deterministic, the paper protocol keeps the last epoch, the
-degenerate-model guard."""
+degenerate-model guard, the constant-output check."""
 
 import builtins
 
@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.special import expit, logit
 
 from calib.data import make_folds, preprocess_dataset, write_phantoms
-from calib.guard import EVERYWHERE_FRACTION, check_degenerate
+from calib.guard import CONSTANT_RANGE, EVERYWHERE_FRACTION, check_degenerate, constant_output
 from calib.logits import write_index, write_subject_logits
 from calib.methods import SubjectSet, build_method
 from calib.nets import UNet3D, UNetConfig
@@ -214,3 +214,44 @@ def test_guard_refuses_empty_masks():
     logits, label, mask = _case(1.0)
     with pytest.raises(ValueError, match="no voxel inside a mask"):
         check_degenerate([(logits, label, np.zeros_like(mask))])
+
+
+# ---- constant calibrated output -----------------------------------------------------------------
+
+def _masked(values, shape=(6, 6, 4)):
+    """A map equal to ``values`` (broadcast) inside a mask and 0.9 outside it, and that mask."""
+    mask = np.zeros(shape, bool)
+    mask[1:5, 1:5, 1:3] = True
+    prob = np.full(shape, 0.9, np.float32)
+    prob[mask] = values
+    return prob, mask
+
+
+def test_constant_output_flags_one_value_over_the_mask_on_every_subject():
+    (p1, m1), (p2, m2) = _masked(0.0052), _masked(0.0052)
+    p2[m2] += np.float32(CONSTANT_RANGE / 4) * np.arange(m2.sum()) / m2.sum()  # float rounding
+    reason = constant_output([p1, p2], [m1, m2])
+    assert reason is not None and reason.startswith("constant output") and "2 test subjects" in reason
+    assert "p = 0.0052" in reason
+    # a different constant on each subject ranks no voxel either
+    (p3, m3) = _masked(0.3)
+    assert "across subjects" in constant_output([p1, p3], [m1, m3])
+    # outside the mask nothing counts (0.9 there)
+    assert constant_output(iter([p1]), iter([m1])) is not None
+
+
+def test_constant_output_passes_maps_that_rank_voxels():
+    ramp = np.linspace(0.01, 0.99, 32, dtype=np.float32)
+    p1, m1 = _masked(ramp)
+    p2, m2 = _masked(0.0052)
+    assert constant_output([p1, p2], [m1, m2]) is None  # one subject still ranked
+    # two values (a histogram binning with two occupied bins) are not constant
+    two = np.where(np.arange(32) < 30, 0.0052, 0.61).astype(np.float32)
+    assert constant_output([_masked(two)[0]], [_masked(two)[1]]) is None
+    p3, m3 = _masked(0.2)
+    p3[m3] += np.float32(10 * CONSTANT_RANGE) * (np.arange(32) % 2)
+    assert constant_output([p3], [m3]) is None
+    # no voxel to look at: nothing to flag
+    assert constant_output([p1], [np.zeros_like(m1)]) is None
+    with pytest.raises(ValueError):
+        constant_output([p1, p2], [m1])

@@ -15,6 +15,7 @@ from calib.stages import (
     make_split,
     run_base,
     run_calibrate,
+    run_imported,
     run_pretrain,
 )
 from calib.training import TrainConfig
@@ -23,7 +24,7 @@ CPU = torch.device("cpu")
 NET = UNetConfig.tiny(4, levels=3, base=2)
 TRAIN = TrainConfig(lr=3e-3, max_epochs=2, batch_size=2)
 PER_SUBJECT = ["subject_id", "fold", "dice", "ece", "brier", "nll", "mce", "boundary_ece",
-               "adaptive_ece", "classwise_ece", "ueo", "error_auroc", "true_ce"]
+               "adaptive_ece", "classwise_ece", "ueo", "error_auroc", "true_ece", "p_star_distance"]
 BINS = ["subject_id", "bin", "count", "conf_sum", "pos_sum"]
 
 
@@ -133,6 +134,14 @@ def test_base_stage_trains_evaluates_and_exports_every_subject(pipeline):
         assert list(stage.reliability_bins.columns) == BINS
         assert len(stage.reliability_bins) == 20 * len(split.test_ids)
         assert np.isfinite(stage.best_val_loss)
+        # the same evaluation on the fold's val subjects (held-out selection)
+        assert list(stage.val_per_subject.columns) == PER_SUBJECT
+        assert list(stage.val_per_subject["subject_id"]) == list(split.val_ids)
+        assert (stage.val_per_subject["fold"] == 0).all()
+        assert stage.val_per_subject[["dice", "ece", "brier", "nll"]].notna().all().all()
+        assert list(stage.val_reliability_bins.columns) == BINS
+        assert len(stage.val_reliability_bins) == 20 * len(split.val_ids)
+        assert stage.constant_output is None
     assert base.params == {"loss": "sd", "protocol": "honest", "init": "pretrain",
                            "fit_split": "train", "stop_split": "val", "kept_epoch": "best"}
     assert base.splits == split.to_dict()
@@ -153,6 +162,23 @@ def test_base_stage_trains_evaluates_and_exports_every_subject(pipeline):
     # bins add up to the mask size of each subject
     counts = base.reliability_bins.groupby("subject_id")["count"].sum()
     assert counts[split.test_ids[0]] == vol.mask.sum()
+
+
+def test_imported_predictions_are_scored_on_test_and_val(pipeline):
+    from scipy.special import expit
+
+    root, split, pre, base = pipeline
+    logits = base.extra_artifacts["logits"]  # a logit cache, as calib.data.predictions writes one
+    result = run_imported(split, logits, root / "imported")
+    assert list(result.per_subject["subject_id"]) == list(split.test_ids)
+    assert list(result.val_per_subject.columns) == PER_SUBJECT
+    assert list(result.val_per_subject["subject_id"]) == list(split.val_ids)
+    for sid, row in result.val_per_subject.set_index("subject_id").iterrows():
+        vol = load_logits(logits, sid)
+        prob = np.where(vol.mask, expit(vol.logits.astype(np.float64)), 0.0)
+        assert row["dice"] == pytest.approx(float(((prob > 0.5) & (vol.label > 0))[vol.mask].sum() * 2
+                                                  / ((prob > 0.5)[vol.mask].sum() + vol.label[vol.mask].sum())))
+    assert result.guard is not None and result.constant_output is None
 
 
 def test_a_rerun_resumes_from_the_checkpoint(pipeline):
@@ -182,6 +208,62 @@ def test_calibrate_stage_runs_every_method(pipeline, method):
     assert result.splits["calib"] == list(split.calib_ids)
     assert load_method(result.weights).name == method
     assert result.epochs == (2 if trains else 0)
+    assert list(result.val_per_subject.columns) == PER_SUBJECT
+    assert list(result.val_per_subject["subject_id"]) == list(split.val_ids)
+    assert result.val_per_subject[["dice", "ece", "brier", "nll"]].notna().all().all()
+    assert len(result.val_reliability_bins) == 20 * len(split.val_ids)
+
+
+def test_calibrate_scores_val_with_the_predictor_it_scores_test_with(pipeline):
+    from calib.evaluate import evaluate_subjects
+
+    root, split, pre, base = pipeline
+    logits = base.extra_artifacts["logits"]
+    result = run_calibrate("temperature", {"max_epochs": 2}, "CE-SD", NET, TRAIN, split, base.weights,
+                           logits, root / "cal-val", CPU)
+    method = load_method(result.weights)
+    rows, bins = evaluate_subjects(lambda s: method.predict_proba(s, CPU), split.subjects("val", logits), 0)
+    pd.testing.assert_frame_equal(result.val_per_subject, rows)
+    pd.testing.assert_frame_equal(result.val_reliability_bins, bins)
+    assert result.constant_output is None  # a temperature keeps the ranking
+    assert not set(result.val_per_subject["subject_id"]) & set(result.per_subject["subject_id"])
+
+
+def test_under_paper_val_is_the_test_fold_evaluated_once(pipeline, monkeypatch, dataset):
+    import calib.stages as stages
+
+    root, split, pre, base = pipeline
+    _, cache, folds = dataset
+    paper = make_split(cache, folds, 0, protocol="paper")
+    passes = []
+    real = stages.evaluate_subjects
+    monkeypatch.setattr(stages, "evaluate_subjects",
+                        lambda predict, subjects, fold: passes.append(1) or real(predict, subjects, fold))
+    result = run_calibrate("platt", {"max_epochs": 1}, "CE-SD", NET, TRAIN, paper, base.weights,
+                           base.extra_artifacts["logits"], root / "cal-paper", CPU)
+    assert len(passes) == 1
+    pd.testing.assert_frame_equal(result.val_per_subject, result.per_subject)
+    pd.testing.assert_frame_equal(result.val_reliability_bins, result.reliability_bins)
+
+
+def test_a_calibrator_with_constant_output_is_flagged_and_still_returns(pipeline, monkeypatch):
+    import calib.stages as stages
+
+    root, split, pre, base = pipeline
+    real = stages.build_method
+
+    def constant(*args, **kwargs):  # a fitted map that sends every voxel of the mask to 0.0052
+        method = real(*args, **kwargs)
+        method.predict_proba = lambda s, device="cpu": np.where(s.mask, 0.0052, 0.0).astype(np.float32)
+        return method
+
+    monkeypatch.setattr(stages, "build_method", constant)
+    result = run_calibrate("platt", {"max_epochs": 1}, "CE-SD", NET, TRAIN, split, base.weights,
+                           base.extra_artifacts["logits"], root / "cal-constant", CPU)
+    assert result.constant_output is not None
+    assert result.constant_output.startswith("constant output") and "0.0052" in result.constant_output
+    assert f"{len(split.test_ids)} test subjects" in result.constant_output
+    assert (result.per_subject["dice"] == 0).any()  # scored as any other trial
 
 
 def test_calibrate_schedule_comes_from_the_stage_config(pipeline):
@@ -229,11 +311,15 @@ def test_evaluate_subject_rows_and_bins():
     row, bins = evaluate_subject(prob, label, mask, true_prob)
     assert list(row) == PER_SUBJECT[2:]
     assert row["ece"] == metrics.ece(prob, label, mask) and row["dice"] == metrics.dice(prob, label, mask)
-    np.testing.assert_allclose(row["true_ce"], np.abs(prob - true_prob)[mask].mean(), rtol=1e-6)
+    np.testing.assert_allclose(row["p_star_distance"], np.abs(prob - true_prob)[mask].mean(), rtol=1e-6)
+    assert row["true_ece"] == metrics.true_ece(prob, true_prob, mask)
+    assert 0 < row["true_ece"] <= row["p_star_distance"] + 1e-12  # Jensen (equal: p* - p >= 0 here)
+    assert row["boundary_ece"] == metrics.boundary_ece(prob, label, mask, band="prediction")
     assert list(bins.columns) == ["bin", "count", "conf_sum", "pos_sum"] and len(bins) == 20
     assert bins["count"].sum() == mask.sum() and bins["pos_sum"].sum() == label[mask].sum()
     assert metrics.ece_from_bins(bins["count"].to_numpy(), bins["conf_sum"].to_numpy(),
                                  bins["pos_sum"].to_numpy()) == pytest.approx(row["ece"], abs=1e-9)
-    assert "true_ce" not in evaluate_subject(prob, label, mask)[0]
+    no_truth = evaluate_subject(prob, label, mask)[0]
+    assert "true_ece" not in no_truth and "p_star_distance" not in no_truth
     with pytest.raises(ValueError, match="one shape"):
         evaluate_subject(prob[:4], label, mask)

@@ -14,7 +14,7 @@ from calib.logits import write_index, write_subject_logits
 from calib.methods import MethodError, SubjectSet, build_method, load_method
 from calib.methods.lts import T_MIN
 from calib.methods.closed_form import calibration_voxels
-from calib.metrics import ece, nll, true_ce
+from calib.metrics import ece, nll, p_star_distance
 
 CPU = torch.device("cpu")
 FAST = {"batch_size": 8}  # 24 z-slices per test volume (see test_logit_methods.py)
@@ -25,8 +25,8 @@ def _sets(logits_dir, ids):
             SubjectSet(ids[11:], logits_dir=logits_dir))
 
 
-def _mean_true_ce(probs_of, subjects, true):
-    return float(np.mean([true_ce(probs_of(s), true[s.subject_id], s.mask) for s in subjects]))
+def _mean_p_star_distance(probs_of, subjects, true):
+    return float(np.mean([p_star_distance(probs_of(s), true[s.subject_id], s.mask) for s in subjects]))
 
 
 def _base(s):
@@ -46,8 +46,8 @@ def test_lts_keeps_the_segmentation_and_approaches_the_truth(phantom_logits):
         prob = method.predict_proba(s)
         np.testing.assert_array_equal((prob > 0.5)[s.mask], (_base(s) > 0.5)[s.mask])
         assert method.temperature_map(s.logits).min() >= T_MIN
-    before = _mean_true_ce(_base, test, true)
-    after = _mean_true_ce(method.predict_proba, test, true)
+    before = _mean_p_star_distance(_base, test, true)
+    after = _mean_p_star_distance(method.predict_proba, test, true)
     assert before > 0.1, before  # the base really is far from the truth
     assert after < 0.5 * before, (before, after)
     # the learned temperature is above 1 where the base is overconfident
@@ -160,8 +160,8 @@ def test_closed_form_maps_are_monotone_and_approach_the_truth(phantom_logits, na
     assert result.stop_reason == "closed_form"
     mapped = method.map_logits(np.linspace(-30, 30, 10001))
     assert (np.diff(mapped) >= 0).all() and mapped.min() >= 0 and mapped.max() <= 1
-    before = _mean_true_ce(_base, test, true)
-    after = _mean_true_ce(method.predict_proba, test, true)
+    before = _mean_p_star_distance(_base, test, true)
+    after = _mean_p_star_distance(method.predict_proba, test, true)
     assert after < 0.5 * before, (before, after)
     # best_val_loss is the BCE of the fitted map over the validation voxels
     q = np.concatenate([method.predict_proba(s)[s.mask] for s in val])

@@ -1,5 +1,5 @@
 """Metrics beyond the paper: adaptive and class-wise ECE, uncertainty-error overlap, error-detection
-AUROC, true calibration error -- hand-worked cases, NaN rules, and independent references
+AUROC, the true ECE and the p*-distance -- hand-worked cases, NaN rules, and independent references
 (torchmetrics, scikit-learn, MONAI) with the definitional differences pinned."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from scipy.special import expit
 
 import calib.metrics.binning as binning
 import calib.metrics.scores as scores
+import calib.metrics.truth as truth
 import calib.metrics.uncertainty as uncertainty
 from calib.metrics import (
     MetricInputError,
@@ -22,7 +23,10 @@ from calib.metrics import (
     ece,
     error_detection_auroc,
     normalised_entropy,
-    true_ce,
+    p_star_distance,
+    reliability_bins,
+    true_ece,
+    true_reliability_bins,
     uncertainty_error_overlap,
 )
 
@@ -34,7 +38,7 @@ def backend(request, monkeypatch):
     """numpy arrays; CPU tensors (numpy path); CPU tensors forced through the torch (GPU) code."""
     if request.param == "torch-backend":
         force = lambda *a: any(isinstance(x, torch.Tensor) for x in a if x is not None)  # noqa: E731
-        for mod in (binning, scores, uncertainty):  # adaptive uses scores' choice
+        for mod in (binning, scores, uncertainty, truth):  # adaptive uses scores' choice
             monkeypatch.setattr(mod, "use_torch", force)
     if request.param == "numpy":
         return np.asarray
@@ -243,22 +247,92 @@ def test_auroc_agrees_with_sklearn_and_torchmetrics_with_ties(seed):
     assert error_detection_auroc(p, y, m, uncertainty=std) == pytest.approx(roc_auc_score(err, std[m]), abs=1e-12)
 
 
-# ---- true calibration error ---------------------------------------------------------------------
+# ---- true ECE and p*-distance -------------------------------------------------------------------
 
-def test_true_ce_hand_worked(backend):
+def test_p_star_distance_hand_worked(backend):
     p = np.array([0.9, 0.2, 0.5, 0.0])
     t = np.array([0.7, 0.2, 0.6, 1.0])
-    assert true_ce(backend(p), backend(t)) == pytest.approx((0.2 + 0 + 0.1 + 1.0) / 4, abs=1e-15)
+    assert p_star_distance(backend(p), backend(t)) == pytest.approx((0.2 + 0 + 0.1 + 1.0) / 4, abs=1e-15)
     m = np.array([1, 1, 1, 0], bool)
-    assert true_ce(backend(p), backend(t), backend(m)) == pytest.approx(0.1, abs=1e-15)
-    assert math.isnan(true_ce(backend(p), backend(t), backend(np.zeros(4, bool))))
+    assert p_star_distance(backend(p), backend(t), backend(m)) == pytest.approx(0.1, abs=1e-15)
+    assert math.isnan(p_star_distance(backend(p), backend(t), backend(np.zeros(4, bool))))
 
 
-def test_true_ce_rejects_bad_input():
-    with pytest.raises(MetricInputError, match="true_probs has shape"):
-        true_ce(np.zeros(4), np.zeros(3))
-    with pytest.raises(MetricInputError, match=r"\[0, 1\]"):
-        true_ce(np.zeros(4), np.full(4, 1.5))
+def test_true_ece_hand_worked(backend):
+    # 4 bins of width 0.25: {0.1, 0.2} -> bin 0, {0.3} -> bin 1, {0.9, 1.0} -> bin 3 (p = 1 folds in)
+    p = np.array([0.1, 0.2, 0.3, 0.9, 1.0, 0.6])
+    t = np.array([0.3, 0.2, 0.0, 0.5, 0.9, 0.6])
+    m = np.array([1, 1, 1, 1, 1, 0], bool)
+    # bin 0: |0.15 - 0.25| = 0.10 (2 voxels); bin 1: |0.3 - 0| (1); bin 3: |0.95 - 0.7| (2)
+    expected = (2 * 0.10 + 1 * 0.3 + 2 * 0.25) / 5
+    assert true_ece(backend(p), backend(t), backend(m), n_bins=4) == pytest.approx(expected, abs=1e-15)
+    count, conf, true = true_reliability_bins(backend(p), backend(t), backend(m), n_bins=4)
+    assert count.tolist() == [2, 1, 0, 2]
+    np.testing.assert_allclose(conf, [0.3, 0.3, 0.0, 1.9], atol=1e-15)
+    np.testing.assert_allclose(true, [0.5, 0.0, 0.0, 1.4], atol=1e-15)
+    # the mean |p - p*| is larger: within bins the errors of opposite sign do not cancel
+    assert p_star_distance(backend(p), backend(t), backend(m)) == pytest.approx(
+        (0.2 + 0 + 0.3 + 0.4 + 0.1) / 5, abs=1e-15)
+    assert math.isnan(true_ece(backend(p), backend(t), backend(np.zeros(6, bool))))
+
+
+def test_true_ece_is_zero_for_the_truth_and_the_mean_gap_for_a_constant(backend):
+    p, _, m = _random(3, 20000)
+    t = np.clip(p + np.random.default_rng(4).normal(0, 0.1, p.size), 0, 1)
+    assert true_ece(backend(t), backend(t), backend(m)) == pytest.approx(0.0, abs=1e-15)
+    assert p_star_distance(backend(t), backend(t), backend(m)) == 0.0
+    c = np.full(p.size, 0.37)  # one bin: |0.37 - mean p*|
+    assert true_ece(backend(c), backend(t), backend(m)) == pytest.approx(abs(0.37 - t[m].mean()), abs=1e-12)
+    assert true_ece(backend(np.ones(p.size)), backend(t), backend(m)) == pytest.approx(1 - t[m].mean(), abs=1e-12)
+
+
+def test_true_ece_uses_the_bins_of_ece(backend):
+    """Same membership as ece (float32 edges exact), and the sampled-label ECE's bins but for p*."""
+    p = np.array([0.05, 0.15, 0.95, 0.5, 0.25], np.float32)
+    t = np.full(5, 0.5, np.float32)
+    y = np.array([0, 1, 0, 1, 1], np.uint8)
+    count, conf, _ = true_reliability_bins(backend(p), backend(t))
+    ref_count, ref_conf, _ = reliability_bins(p, y)
+    assert count.tolist() == ref_count.tolist()
+    np.testing.assert_allclose(conf, ref_conf, rtol=0, atol=1e-15)
+
+
+def test_true_ece_of_a_calibrated_but_blurry_model_is_zero_and_its_p_star_distance_is_not(backend):
+    rng = np.random.default_rng(5)
+    t = rng.random(30000)
+    # p = the mean of p* over its bin: calibrated in the binned sense, but it cannot resolve p*
+    k = np.minimum((t * 20).astype(int), 19)
+    p = (np.bincount(k, weights=t, minlength=20) / np.bincount(k, minlength=20))[k]
+    assert true_ece(backend(p), backend(t)) == pytest.approx(0.0, abs=1e-12)
+    assert p_star_distance(backend(p), backend(t)) == pytest.approx(np.abs(p - t).mean(), abs=1e-12)
+    assert p_star_distance(backend(p), backend(t)) > 0.01  # ~ 1/80: the spread inside a bin
+    # Jensen: the voxel distance bounds the true ECE of any p
+    q = np.clip(t + rng.normal(0, 0.2, t.size), 0, 1)
+    assert p_star_distance(backend(q), backend(t)) >= true_ece(backend(q), backend(t)) > 0
+
+
+def test_ece_estimates_the_true_ece_when_labels_are_drawn_from_p_star():
+    rng = np.random.default_rng(6)
+    t = rng.random(400000)
+    p = np.clip(t ** 0.7, 0, 1)  # overconfident map of the truth
+    y = (rng.random(t.size) < t).astype(np.uint8)
+    truth_ece = true_ece(p, t)
+    # |ECE - true ECE| <= sum_k (n_k/N) |e_k|, e_k the label fraction's sampling error in bin k
+    # (SE <= sqrt(0.25 / n_k) ~ 0.0035 for ~20000 voxels a bin); where |acc - conf| >> SE the
+    # errors add with their signs, so the gap is ~ 0.001
+    assert ece(p, y) == pytest.approx(truth_ece, abs=0.004) and truth_ece > 0.05
+
+
+def test_truth_metrics_reject_bad_input():
+    for fn in (p_star_distance, true_ece):
+        with pytest.raises(MetricInputError, match="true_probs has shape"):
+            fn(np.zeros(4), np.zeros(3))
+        with pytest.raises(MetricInputError, match=r"\[0, 1\]"):
+            fn(np.zeros(4), np.full(4, 1.5))
+        with pytest.raises(MetricInputError, match=r"\[0, 1\]"):
+            fn(np.full(4, np.nan), np.zeros(4))
+    with pytest.raises(MetricInputError, match="n_bins"):
+        true_ece(np.zeros(4), np.zeros(4), n_bins=0)
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------
@@ -273,4 +347,5 @@ def test_new_metrics_on_cuda_match_numpy():
     assert classwise_ece(tp, ty, tm) == pytest.approx(classwise_ece(p, y, m), abs=1e-12)
     assert uncertainty_error_overlap(tp, ty, tm) == uncertainty_error_overlap(p, y, m)
     assert error_detection_auroc(tp, ty, tm) == pytest.approx(error_detection_auroc(p, y, m), abs=1e-12)
-    assert true_ce(tp, tt, tm) == pytest.approx(true_ce(p, t, m), abs=1e-12)
+    assert p_star_distance(tp, tt, tm) == pytest.approx(p_star_distance(p, t, m), abs=1e-12)
+    assert true_ece(tp, tt, tm) == pytest.approx(true_ece(p, t, m), abs=1e-12)

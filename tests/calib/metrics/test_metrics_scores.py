@@ -73,19 +73,67 @@ def test_boundary_ece_uses_only_the_band(backend):
     lab = np.zeros((10, 10, 10), np.uint8)
     lab[3:7, 3:7, 3:7] = 1
     p = rng.random(lab.shape)
+    p[2:8, 2:8, 2:8] = np.maximum(p[2:8, 2:8, 2:8], 0.6)  # a predicted cube, larger than the label
+    p[:, :, 0] = np.minimum(p[:, :, 0], 0.4)
     mask = np.ones(lab.shape, bool)
     mask[0] = False
-    band = np.asarray(boundary_band(lab, 1)) & mask
+    pred = p > 0.5
+    assert not np.array_equal(np.asarray(boundary_band(pred, 1)), np.asarray(boundary_band(lab, 1)))
+    # default: the band around the prediction's 0.5 surface
+    band = np.asarray(boundary_band(pred, 1)) & mask
     assert boundary_ece(backend(p), backend(lab), backend(mask), band_voxels=1) == \
         pytest.approx(ece(p, lab, band), abs=1e-14)
+    assert boundary_ece(backend(p), backend(lab), backend(mask), band_voxels=1, band="prediction") == \
+        pytest.approx(ece(p, lab, band), abs=1e-14)
+    # the label-based band, as an option
+    band = np.asarray(boundary_band(lab, 1)) & mask
+    assert boundary_ece(backend(p), backend(lab), backend(mask), band_voxels=1, band="label") == \
+        pytest.approx(ece(p, lab, band), abs=1e-14)
     # 3 mm at 2 mm spacing -> 2 voxels
-    assert boundary_ece(backend(p), backend(lab), band_mm=3.0, spacing_mm=2.0) == \
+    assert boundary_ece(backend(p), backend(lab), band_mm=3.0, spacing_mm=2.0, band="label") == \
         pytest.approx(ece(p, lab, np.asarray(boundary_band(lab, 2))), abs=1e-14)
-    assert math.isnan(boundary_ece(backend(p), backend(np.zeros_like(lab))))  # no lesion: no band
+    assert boundary_ece(backend(p), backend(lab), band_mm=3.0, spacing_mm=2.0) == \
+        pytest.approx(ece(p, lab, np.asarray(boundary_band(pred, 2))), abs=1e-14)
+    # no lesion: no label band; nothing predicted: no prediction band
+    assert math.isnan(boundary_ece(backend(p), backend(np.zeros_like(lab)), band="label"))
+    assert math.isnan(boundary_ece(backend(np.minimum(p, 0.5)), backend(lab)))
+    assert not math.isnan(boundary_ece(backend(p), backend(np.zeros_like(lab))))
     with pytest.raises(MetricInputError, match="3-D"):
         boundary_ece(backend(p[0]), backend(lab[0]))
     with pytest.raises(MetricInputError, match="band_voxels"):
         boundary_ece(backend(p), backend(lab), band_voxels=0)
+    with pytest.raises(MetricInputError, match="unknown boundary band 'labels'.*prediction, label"):
+        boundary_ece(backend(p), backend(lab), band="labels")
+    with pytest.raises(MetricInputError, match="labels have shape"):
+        boundary_ece(backend(p), backend(lab[:9]))
+
+
+def _noise_floor(p: np.ndarray, band: np.ndarray, n_bins: int = 20) -> float:
+    """sum_k (n_k / N) * SE_k, SE_k = sqrt(sum_i p_i (1 - p_i)) / n_k: the size of the ECE a
+    calibrated model gets from the sampling of its labels alone, in the bins of ``band``."""
+    pb = p[band]
+    k = np.minimum((pb * n_bins).astype(int), n_bins - 1)
+    n = np.bincount(k, minlength=n_bins)
+    var = np.bincount(k, weights=pb * (1 - pb), minlength=n_bins)
+    nz = n > 0
+    return float(np.sum(n[nz] / n.sum() * np.sqrt(var[nz]) / n[nz]))
+
+
+def test_prediction_band_scores_a_calibrated_model_near_zero_and_the_label_band_does_not():
+    # A confident core (p = 0.98) in a low-probability shell (p = 0.02), labels drawn from p:
+    # the model is calibrated by construction. The label band keeps a shell voxel only when one
+    # of its 26 neighbours (or itself) is labelled 1 (probability 1 - 0.98^27 = 0.42), so it
+    # over-counts the foreground there, and under-counts it in the core by symmetry.
+    n = 48
+    x, y, z = np.meshgrid(*[np.arange(n)] * 3, indexing="ij")
+    r = np.sqrt((x - 24) ** 2 + (y - 24) ** 2 + (z - 24) ** 2)
+    p = np.where(r < 10, 0.98, np.where(r < 20, 0.02, 0.0))
+    lab = (np.random.default_rng(0).random(p.shape) < p).astype(np.uint8)
+    floor = _noise_floor(p, np.asarray(boundary_band(p > 0.5, 1)))
+    on_prediction = boundary_ece(p, lab, band_voxels=1)
+    on_label = boundary_ece(p, lab, band_voxels=1, band="label")
+    assert on_prediction < 3 * floor  # sampling noise only
+    assert on_label > 3 * floor and on_label > 3 * _noise_floor(p, np.asarray(boundary_band(lab, 1)))
 
 
 def test_band_numpy_and_torch_agree_on_random_labels(monkeypatch):
