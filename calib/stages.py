@@ -340,9 +340,8 @@ IMPORTED_NAME = "imported.json"
 def run_imported(split: FoldSplit, logits_dir: Path, work_dir: Path) -> StageResult:
     """The "base model" of another network's imported predictions (calib.data.predictions):
     nothing trains; their own probabilities are scored on the test fold and on ``val``, their BCE
-    on ``val`` is
-    the validation loss, and the guard looks at them as at a trained base model. The stage's file
-    (``imported.json``) records the logit cache they came from."""
+    on ``val`` is the validation loss, and the guard looks at them as at a trained base model.
+    The stage's file (``imported.json``) records the logit cache they came from."""
     from calib.losses import bce_loss
     from calib.methods.base import SubjectSet
 
@@ -422,7 +421,8 @@ def run_calibrate(method: str, params: Mapping[str, Any] | None, weights: str,
         ranges.append(output_range(prob, s.mask))
         return prob
 
-    # test first: MC sampling draws from the RNG in the order the subjects are predicted
+    # the preview and the constant-output check watch the test maps only; MC dropout seeds each
+    # sample (calib.methods.mc_dropout.sample_seeds), so val after test changes no test number
     per_subject, bins = evaluate_subjects(keep_first_preview(predict_test, preview),
                                           split.subjects("test", logits_dir), split.fold)
     val_per_subject, val_bins = _evaluate_val(predict, split, logits_dir, (per_subject, bins))

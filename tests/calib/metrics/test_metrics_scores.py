@@ -143,3 +143,15 @@ def test_band_numpy_and_torch_agree_on_random_labels(monkeypatch):
     monkeypatch.setattr(boundary, "use_torch", lambda *a: True)
     got = boundary_band(torch.from_numpy(lab), 2).numpy()
     assert np.array_equal(ref, got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_boundary_ece_on_cuda_matches_numpy_in_both_bands():
+    rng = np.random.default_rng(3)
+    p = rng.random((16, 15, 14)).astype(np.float32)
+    lab = (rng.random(p.shape) < p).astype(np.uint8)
+    mask = rng.random(p.shape) < 0.8
+    dev = torch.device("cuda")
+    tp, tl, tm = (torch.from_numpy(a).to(dev) for a in (p, lab, mask))
+    for band in ("prediction", "label"):
+        assert boundary_ece(tp, tl, tm, band=band) == pytest.approx(boundary_ece(p, lab, mask, band=band), abs=1e-12)
