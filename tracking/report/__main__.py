@@ -16,6 +16,7 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     from tracking.report.fetch import DEFAULT_TRACKING_URI, SCOPES
+    from tracking.report.headline import HEADLINE_BY
     from tracking.report.selection import SELECT_BY
 
     p = argparse.ArgumentParser(
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for the report files")
     p.add_argument("--select-by", choices=SELECT_BY, default="val_loss",
                    help="learning-rate selection criterion (default: val_loss)")
+    p.add_argument("--headline-by", choices=HEADLINE_BY, default="val_ece",
+                   help="the headline's held-out rule: the calibrator with the lowest mean val ECE "
+                        "(val_ece, default) or val NLL (val_nll) over folds, tested once on test")
     p.add_argument("--holm", action="store_true",
                    help="Holm-correct the p-values within each dataset x weights x metric family")
     p.add_argument("--scope", choices=SCOPES, default=None,
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         outcome = build_report(args.experiment, args.out, args.tracking_uri, args.sweep_run,
-                               args.select_by, args.holm, args.scope, not args.no_log)
+                               args.select_by, args.holm, args.scope, not args.no_log,
+                               args.headline_by)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -31,7 +31,7 @@ from tracking.report.fetch import (
     redact_uri,
 )
 from tracking.report.figures import reliability_figure, scatter_figure, violin_figure
-from tracking.report.headline import headline_table
+from tracking.report.headline import SELECTED_ON_TEST, headline_table
 from tracking.report.slices import SliceRow, slice_figure
 from tracking.report.files import FILE_DESCRIPTIONS
 from tracking.report.registry import register_best
@@ -69,13 +69,14 @@ class ReportData:
     dispersion: pd.DataFrame  # subject_dispersion
     accuracy: dict  # (dataset, weights, method) → subject_accuracy frame
     warn: WarningLog
-    headline: pd.DataFrame = None  # tracking.report.headline
+    headline: pd.DataFrame = None  # tracking.report.headline's table
     slices: dict = None  # dataset → [SliceRow], for the slice figure
+    headline_info: object = None  # tracking.report.headline.Headline (what was left out)
 
 
 def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: str | None = None,
                    select_by: str = "val_loss", use_holm: bool = False,
-                   scope: str | None = None) -> ReportData:
+                   scope: str | None = None, headline_by: str = "val_ece") -> ReportData:
     """Read the runs (tracking.report.fetch), select learning rates, pool subjects, test, find
     fronts. Raises ReportError naming the run, artifact or subject on bad data."""
     uri = resolve_tracking_uri(tracking_uri)  # the sweep's rule: argument, $MLFLOW_TRACKING_URI, ./mlflow.db
@@ -96,21 +97,28 @@ def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: 
             bins[s.key] = pool_subjects(s, [reader.reliability_bins(r) for r in s.runs],
                                         "reliability_bins.csv")
         results = analyse(selections, tables, use_holm, warn)
-        headline = headline_table(results)
-        slices = _slice_rows(headline, selections, reader)
+        info = headline_table(selections, tables, headline_by)
+        for c in info.constant_output:
+            warn.warn(f"left out of the headline's candidates: constant-output calibrator {c.describe()}")
+        for h in info.table.itertuples(index=False):
+            if h.selected_on == SELECTED_ON_TEST:
+                warn.warn(f"{h.dataset}/{h.weights}: some candidate run has no {headline_by} metric "
+                          "(runs from before it was logged); the headline's candidate was chosen "
+                          "on the test subjects and its test is optimistic")
+        slices = _slice_rows(info.table, selections, reader)
     return ReportData(uri, client, trials, select_by, use_holm, tuple(selections), results,
                       dispersion_table(bins), {k: subject_accuracy(b) for k, b in bins.items()}, warn,
-                      headline, slices)
+                      info.table, slices, info)
 
 
 def _slice_rows(headline: pd.DataFrame, selections, reader: ArtifactReader) -> dict:
-    """Per dataset, the base model's and the best method's previews of one test subject (the
+    """Per dataset, the base model's and the headline's chosen method's previews of one test subject (the
     first test subject of the lowest fold that both ran on), per weights."""
     by_key = {s.key: s for s in selections}
     out: dict[str, list[SliceRow]] = {}
     for h in headline.itertuples(index=False):
         base = by_key.get((h.dataset, h.weights, "base"))
-        best = by_key.get((h.dataset, h.weights, h.best_method))
+        best = by_key.get((h.dataset, h.weights, h.chosen_method))
         if base is None or best is None:
             continue
         folds = sorted({r.fold for r in base.runs} & {r.fold for r in best.runs})
@@ -120,7 +128,7 @@ def _slice_rows(headline: pd.DataFrame, selections, reader: ArtifactReader) -> d
         pb, pc = reader.preview(pick(base)), reader.preview(pick(best))
         if pb is None or pc is None or str(pb["subject_id"]) != str(pc["subject_id"]):
             continue
-        out.setdefault(h.dataset, []).append(SliceRow(h.weights, pb, h.best_method, pc))
+        out.setdefault(h.dataset, []).append(SliceRow(h.weights, pb, h.chosen_method, pc))
     return out
 
 
@@ -129,14 +137,14 @@ def write_report(data: ReportData, out: Path, log_artifacts: bool = True) -> Rep
     out = Path(out)
     logged_to = data.trials.log_run_id if log_artifacts else None
     ctx = ReportContext(redact_uri(data.tracking_uri), data.trials, data.select_by, data.use_holm,
-                        logged_to, FILE_DESCRIPTIONS)
+                        logged_to, FILE_DESCRIPTIONS, data.headline_info)
     files = _write_all(out, data, ctx)
     registered: tuple = ()
     if logged_to:
         log_report_files(data.client, logged_to, list(files), ARTIFACT_PATH)
         log.info("report logged to run %s under %s/", logged_to, ARTIFACT_PATH)
         # the best calibrated model per dataset x weights, in the Model Registry (registry.py)
-        registered = tuple(register_best(data.client, data.tracking_uri, data.trials.experiment_name, data.results,
+        registered = tuple(register_best(data.client, data.tracking_uri, data.trials.experiment_name, data.headline,
                                          data.selections, data.warn))
         for r in registered:
             log.info("registered %s -> %s (versions %s)", r.uri, r.method, ", ".join(map(str, r.versions.values())))
@@ -146,15 +154,17 @@ def write_report(data: ReportData, out: Path, log_artifacts: bool = True) -> Rep
 
 def build_report(experiment: str, out: Path, tracking_uri: str | None = None,
                  sweep_run: str | None = None, select_by: str = "val_loss", use_holm: bool = False,
-                 scope: str | None = None, log_artifacts: bool = True) -> ReportOutcome:
+                 scope: str | None = None, log_artifacts: bool = True,
+                 headline_by: str = "val_ece") -> ReportOutcome:
     """Build every report file of ``experiment`` into ``out`` and log them to the sweep run.
 
     ``scope`` is ``"sweep"`` (the children of ``sweep_run``) or ``"experiment"`` (all trial runs;
-    default without ``sweep_run``); see tracking.report.fetch. ``select_by`` ∈ SELECT_BY. Raises
+    default without ``sweep_run``); see tracking.report.fetch. ``select_by`` ∈ SELECT_BY;
+    ``headline_by`` ∈ tracking.report.headline.HEADLINE_BY (the headline's held-out rule). Raises
     ReportError (a run, artifact or subject named) on bad data, ReportArgumentError on an unknown
     experiment or sweep run; nothing is written then.
     """
-    data = compute_report(experiment, tracking_uri, sweep_run, select_by, use_holm, scope)
+    data = compute_report(experiment, tracking_uri, sweep_run, select_by, use_holm, scope, headline_by)
     return write_report(data, out, log_artifacts)
 
 

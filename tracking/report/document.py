@@ -10,8 +10,10 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from tracking.report import files as names
-from tracking.report.analysis import BASE_METHOD, method_key, weights_key
+from tracking.report.analysis import BASE_METHOD, STEMS, method_key, weights_key
 from tracking.report.fetch import TrialSet
+from tracking.report.headline import SELECTED_ON_PAPER, SELECTED_ON_TEST, SELECTED_ON_VAL, has_truth
+from tracking.report.intervals import smallest_p_line
 from tracking.report.selection import Selection
 from tracking.report.tables import markdown_table, method_label
 
@@ -35,6 +37,7 @@ class ReportContext:
     use_holm: bool
     logged_to: str | None
     files: dict[str, str]  # file name → what it is
+    headline: object = None  # tracking.report.headline.Headline (left-out calibrators)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -101,7 +104,11 @@ def _rules(ctx: ReportContext, selections: Sequence[Selection]) -> str:
         "(Dice highest, ECE lowest) and a two-sided Wilcoxon signed-rank test (scipy) of every other "
         "method against it, paired over subjects; **bold** = best or p ≥ 0.05. Every method is also "
         "tested against the base model (`*_p_vs_base` in results_long.csv)." + holm +
-        " A method lacking subjects is tested on the common subjects (see Warnings).",
+        " A method lacking subjects is tested on the common subjects (see Warnings). The tables' "
+        "many comparisons per family can be Holm-corrected (`--holm`); the headline makes one "
+        "held-out-chosen test per row and is never corrected. Every mean in results_long.csv and "
+        "headline.csv has a 95 % percentile interval (`*_ci_low`, `*_ci_high`) from a subject-level "
+        "bootstrap, B = 2000 resamples, seed 0 (the same command gives the same interval).",
         "",
         "**Pareto**: a row is on the front when no other row of the same dataset (any weights) has "
         "lower-or-equal ECE and higher-or-equal Dice with one of them strict; Figure 1 also draws "
@@ -149,14 +156,29 @@ def _dataset_section(ds: str, results: pd.DataFrame, selections: Sequence[Select
         out += ["### Against the base model (two-sided Wilcoxon p)", "",
                 _md(["weights", "method", "Dice p", "ECE p"], vs_base)]
 
-    if "true_ce_pct_mean" in part and part["true_ce_pct_mean"].notna().any():
-        out += ["### ECE against the true calibration error", "",
-                "The phantoms' true foreground probability p* is known, so the true calibration "
-                "error, mean |p̂ − p*| over the mask, can be set beside the binned ECE estimate.", "",
-                _md(["weights", "method", "ECE %", "true CE %", "ECE − true CE (pp)"],
+    if "true_ece_pct_mean" in part and part["true_ece_pct_mean"].notna().any():
+        out += ["### ECE against the true ECE", "",
+                "The phantoms' p* is known, so the label-free true ECE (same 20 bins of p as ECE, "
+                "|mean p − mean p*| per bin) can be set beside ECE, the estimate from sampled labels; "
+                "their difference is ECE's bias. The p*-distance, mean |p − p*|, also counts how "
+                "sharply p resolves p*. Means with 95 % bootstrap intervals.", "",
+                _md(["weights", "method", "ECE %", "true ECE %", "ECE bias (pp)", "bias p vs base",
+                     "p*-distance %"],
                     [[r.weights, method_label(r.method), _fmt(r.ece_pct_mean),
-                      _fmt(r.true_ce_pct_mean), _fmt(r.ece_pct_mean - r.true_ce_pct_mean)]
+                      f"{_fmt(r.true_ece_pct_mean)} [{_fmt(r.true_ece_pct_ci_low)}, {_fmt(r.true_ece_pct_ci_high)}]",
+                      f"{_fmt(r.ece_bias_pct_mean)} [{_fmt(r.ece_bias_pct_ci_low)}, {_fmt(r.ece_bias_pct_ci_high)}]",
+                      _p(r.ece_bias_p_vs_base),
+                      _fmt(getattr(r, "p_star_distance_pct_mean", math.nan))]
                      for r in part.itertuples()])]
+    elif "p_star_distance_pct_mean" in part and part["p_star_distance_pct_mean"].notna().any():
+        out += ["### p*-distance (no true ECE in these runs)", "",
+                "These runs predate the label-free true ECE: their per_subject.csv column `true_ce` "
+                "is the p*-distance, mean |p − p*| over the mask, which is not a calibration error "
+                "(it also counts how sharply p resolves p*), so it is shown as such and no ECE bias "
+                "can be given.", "",
+                _md(["weights", "method", "ECE %", "p*-distance %"],
+                    [[r.weights, method_label(r.method), _fmt(r.ece_pct_mean),
+                      _fmt(r.p_star_distance_pct_mean)] for r in part.itertuples()])]
 
     for w in weights:
         out += [f"### {ds} {w}: reliability and subject-level spread", "",
@@ -177,37 +199,93 @@ def _dataset_section(ds: str, results: pd.DataFrame, selections: Sequence[Select
     return "\n".join(out)
 
 
+_HEADLINE_ROWS = (("Dice", "dice", 3, 1.0), ("Brier", "brier", 4, 1.0), ("NLL (nats)", "nll", 4, 1.0),
+                  ("ECE %", "ece", 3, 1.0), ("true ECE %", "true_ece", 3, 1.0),
+                  ("p*-distance %", "p_star_distance", 3, 1.0), ("ECE bias (ECE − true ECE), pp", "ece_bias", 3, 1.0))
+_SELECTED_ON_TEXT = {
+    SELECTED_ON_VAL: "the fold's val subjects (held out)",
+    SELECTED_ON_PAPER: "**the test fold**: under `protocol: paper` the validation subjects are the "
+                       "test fold, so this selection saw the subjects it is tested on",
+    SELECTED_ON_TEST: "**the test subjects** (these runs have no val metrics: runs from before they "
+                      "were logged), so the choice and its test are on the same subjects and the "
+                      "verdict is optimistic",
+}
+
+
+def _ci(row, side: str, stem: str, digits: int) -> str:
+    mean, low, high = (getattr(row, f"{side}_{stem}{s}") for s in ("", "_ci_low", "_ci_high"))
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+
+
 def headline_markdown(headline: pd.DataFrame, slice_datasets: Sequence[str] = (),
-                      excluded: Sequence = ()) -> str:
-    """The report's first section: does the best post hoc method beat the base model?"""
+                      excluded: Sequence = (), info=None) -> str:
+    """The report's first section: does the calibrator chosen on held-out subjects beat the base
+    model on test? (tracking.report.headline)."""
     if headline is None or headline.empty:
         return "## Does calibration help?\n\nNo dataset × weights has both a base model and a calibration.\n"
-    truth = headline["base_true_ce_pct"].notna().any()
-    header = ["dataset", "weights", "base ECE %"] + (["base true CE %"] if truth else []) + \
-        ["best post hoc (by ECE)", "its ECE %"] + (["its true CE %"] if truth else []) + \
-        ["ECE vs base (Wilcoxon)"] + (["true CE vs base (Wilcoxon)"] if truth else []) + ["subjects"]
+    by = headline["headline_by"].iloc[0]
+    crit = {"val_ece": "validation ECE", "val_nll": "validation NLL"}.get(by, by)
     rows = []
     for h in headline.itertuples(index=False):
-        lr = f" (lr {h.best_lr})" if h.best_lr else ""
-        row = [h.dataset, h.weights, _fmt(h.base_ece_pct)] + ([_fmt(h.base_true_ce_pct)] if truth else [])
-        row += [f"{method_label(h.best_method)}{lr}", _fmt(h.best_ece_pct)]
-        row += [_fmt(h.best_true_ce_pct)] if truth else []
-        row += [f"{h.ece_verdict} (p = {_p(h.ece_p_vs_base)})"]
-        row += [f"{h.true_ce_verdict} (p = {_p(h.true_ce_p_vs_base)})"] if truth else []
-        rows.append(row + [str(h.n_subjects)])
+        lr = f" (lr {h.chosen_lr})" if isinstance(h.chosen_lr, str) and h.chosen_lr else ""
+        on = {SELECTED_ON_VAL: "val", SELECTED_ON_PAPER: "**test fold** (paper protocol)",
+              SELECTED_ON_TEST: "**test** (no val metrics)"}.get(h.selected_on, h.selected_on)
+        rows.append([h.dataset, h.weights, f"{method_label(h.chosen_method)}{lr}", on,
+                     f"**{h.verdict}**", _p(h.ece_p_vs_base), _p(h.dice_p_vs_base), str(h.n_subjects)])
     text = ["## Does calibration help?", "",
-            "Per dataset × weights: the base model, the post hoc method with the lowest mean ECE, "
-            "and a two-sided Wilcoxon signed-rank test of that method against the base model over "
-            "the subjects (p < 0.05: *lower* / *higher*). "
-            + ("The true calibration error is mean |p̂ − p*| against the phantoms' known voxel "
-               "probability, which ECE only estimates from sampled labels. " if truth else "")
-            + "Every dataset × weights is shown, whatever its outcome.", "", _md(header, rows)]
+            f"Per dataset × weights, one candidate: the calibration method (not the base model, not "
+            f"one whose output is constant over the mask) with the lowest mean {crit} over folds "
+            f"(`--headline-by {by}`), each method at its selected learning rate. That one candidate "
+            "is then tested once against the base model on the test subjects: two-sided Wilcoxon "
+            "signed-rank tests paired over subjects (scipy), p < 0.05. The choice never looks at the "
+            "test subjects, so each row makes one test and needs no multiple-comparison correction. "
+            "A candidate with lower ECE but significantly lower Dice reads *lower ECE, lower Dice*: "
+            "it calibrates by giving up segmentation, which is not a win. Brackets: 95 % "
+            "percentile intervals of the mean from a seeded subject-level bootstrap (B = 2000). "
+            "Every dataset × weights is shown, whatever its outcome.", ""]
+    ons = sorted(set(headline["selected_on"]))
+    for on in ons:
+        if on != SELECTED_ON_VAL:
+            cells = ", ".join(f"{h.dataset}/{h.weights}" for h in headline.itertuples() if h.selected_on == on)
+            text += [f"Selection for {cells} was made on {_SELECTED_ON_TEXT.get(on, on)}.", ""]
+    text += [_md(["dataset", "weights", f"chosen (lowest {crit})", "selected on", "verdict vs base",
+                  "ECE p", "Dice p", "subjects"], rows)]
+    line = smallest_p_line(headline["n_subjects"])
+    if line:
+        text += [line, ""]
+    if has_truth(headline):
+        text += ["On phantoms the true foreground probability p* is known. The **true ECE** is the "
+                 "label-free calibration error: in the same 20 equal-width bins of p as ECE, the "
+                 "voxel-weighted mean of |mean p − mean p*| over the mask. ECE estimates it from "
+                 "sampled labels; **ECE bias** = ECE − true ECE is what the estimate adds (binning "
+                 "and label noise). The **p*-distance**, mean |p − p*| over voxels, is not a "
+                 "calibration error: it is ≥ the true ECE and also counts how sharply p resolves p* "
+                 "(a calibrated but blurry model scores above 0).", ""]
+    for h in headline.itertuples(index=False):
+        body = []
+        for title, metric, digits, _ in _HEADLINE_ROWS:
+            stem = STEMS[metric][0]
+            if not (math.isfinite(getattr(h, f"base_{stem}")) or math.isfinite(getattr(h, f"chosen_{stem}"))):
+                continue
+            body.append([title, _ci(h, "base", stem, digits), _ci(h, "chosen", stem, digits),
+                         _p(getattr(h, f"{metric}_p_vs_base"))])
+        text += [f"**{h.dataset} / {h.weights}**: base model against {method_label(h.chosen_method)} "
+                 f"({h.n_subjects} test subjects)", "",
+                 _md(["metric", "base [95 % CI]", f"{method_label(h.chosen_method)} [95 % CI]", "Wilcoxon p"],
+                     body)]
+    constant = getattr(info, "constant_output", ()) if info is not None else ()
+    if constant:
+        text += ["Left out of the candidates as constant-output calibrators (their output is one "
+                 "value over the whole mask, erasing the lesion; they stay in the tables below): "
+                 + "; ".join(c.describe() for c in constant) + ".", ""]
     if excluded:
         text += ["Left out as degenerate base models (calib.guard), with their calibrations: "
                  + "; ".join(e.describe() for e in excluded) + ".", ""]
     for ds in slice_datasets:
-        text += [f"![One test subject of {ds}: image, label, p*, base and calibrated probabilities "
-                 f"and their errors]({names.slices(ds)})", ""]
+        text += [f"![One test subject of {ds}: image, label, p*, base and chosen calibrated "
+                 f"probabilities and their errors]({names.slices(ds)})", ""]
     return "\n".join(text)
 
 
@@ -215,7 +293,7 @@ def report_markdown(results: pd.DataFrame, selections: Sequence[Selection],
                     dispersion: pd.DataFrame, warnings: Sequence[str], ctx: ReportContext,
                     headline: pd.DataFrame | None = None, slice_datasets: Sequence[str] = ()) -> str:
     """The full report.md text: the headline answer first, then how it was computed."""
-    parts = [_header(ctx), headline_markdown(headline, slice_datasets, ctx.trials.excluded),
+    parts = [_header(ctx), headline_markdown(headline, slice_datasets, ctx.trials.excluded, ctx.headline),
              _rules(ctx, selections)]
     for ds in sorted(results["dataset"].unique()):
         parts.append(_dataset_section(ds, results, selections, dispersion, ctx))

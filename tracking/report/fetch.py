@@ -63,6 +63,7 @@ class TrialRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     upstream_key: str | None = None
     degenerate: str | None = None  # base runs: why the guard flagged the model
+    constant_output: str | None = None  # calibrate runs: why the output is constant over the mask
 
     def describe(self) -> str:
         """A short human name, e.g. ``run 1a2b… (brats18/CE/platt, fold 1, lr 0.001)``."""
@@ -155,7 +156,8 @@ def _parse_trial(run) -> TrialRecord:
         weights=tags[S.WEIGHTS], method=tags[S.METHOD], fold=fold, lr=tags.get(S.LR, "").strip(),
         trial_key=tags[S.TRIAL_KEY], protocol=tags.get(S.PROTOCOL) or None,
         search=tags.get(S.SEARCH) or None, metrics=dict(run.data.metrics),
-        upstream_key=tags.get(S.UPSTREAM_KEY) or None, degenerate=tags.get(S.DEGENERATE) or None)
+        upstream_key=tags.get(S.UPSTREAM_KEY) or None, degenerate=tags.get(S.DEGENERATE) or None,
+        constant_output=tags.get(S.CONSTANT_OUTPUT) or None)
 
 
 def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None = None,
@@ -263,8 +265,14 @@ class ArtifactReader:
         self._cache: dict[tuple[str, str], pd.DataFrame] = {}
 
     def per_subject(self, run: TrialRecord) -> pd.DataFrame:
-        """``subject_id`` (str), ``fold`` (int), ``dice``, ``ece`` (fractions) and any extra columns."""
-        return self._read(run, PER_SUBJECT_FILE, PER_SUBJECT_COLUMNS, int_columns=("fold",))
+        """``subject_id`` (str), ``fold`` (int), ``dice``, ``ece`` (fractions) and any extra columns.
+
+        Runs written before the label-free true ECE existed have a column ``true_ce`` that is the
+        voxel distance mean |p - p*| (now ``p_star_distance``) and no ``true_ece``: it is read as
+        ``p_star_distance``, and ``true_ece`` is NaN for them (docs/architecture.md, "Report").
+        """
+        df = self._read(run, PER_SUBJECT_FILE, PER_SUBJECT_COLUMNS, int_columns=("fold",))
+        return upgrade_per_subject(df)
 
     def reliability_bins(self, run: TrialRecord) -> pd.DataFrame:
         """``subject_id`` (str), ``bin`` (int), ``count``, ``conf_sum``, ``pos_sum``."""
@@ -324,6 +332,27 @@ class ArtifactReader:
             return ", ".join(sorted(f.path for f in self._client.list_artifacts(run.run_id))) or "nothing"
         except MlflowException:
             return "unknown (listing failed)"
+
+
+#: The old name of the voxel distance mean |p - p*| in per_subject.csv (before issue 20).
+OLD_P_STAR_DISTANCE = "true_ce"
+P_STAR_DISTANCE = "p_star_distance"
+TRUE_ECE = "true_ece"
+
+
+def upgrade_per_subject(df: pd.DataFrame) -> pd.DataFrame:
+    """A per_subject.csv frame in today's columns: an old ``true_ce`` column (which was mean
+    |p - p*|) becomes ``p_star_distance``, and ``true_ece`` is added as NaN where p* was known but
+    the label-free true ECE was not yet computed. Frames without truth are returned unchanged."""
+    if OLD_P_STAR_DISTANCE not in df.columns:
+        return df
+    df = df.copy()
+    if P_STAR_DISTANCE not in df.columns:
+        df[P_STAR_DISTANCE] = df[OLD_P_STAR_DISTANCE]
+    df = df.drop(columns=[OLD_P_STAR_DISTANCE])
+    if TRUE_ECE not in df.columns:
+        df[TRUE_ECE] = float("nan")
+    return df
 
 
 def log_report_files(client: MlflowClient, run_id: str, files: list[Path],

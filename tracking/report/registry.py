@@ -1,7 +1,9 @@
 """Register the best calibrated model of each dataset x weights in the MLflow Model Registry.
 
-The rule, from ``results_long``: among the calibration methods (not ``base``) whose Dice is bold
-(best, or not significantly different from it), the one with the lowest mean ECE. Its selected
+The rule is the headline's (tracking.report.headline): the calibration method (not ``base``, not
+one whose output is constant over the mask) with the lowest mean validation ECE over folds
+(``--headline-by``), chosen without the test subjects; runs without val metrics fall back to the
+test ECE, which the registered model's description then says. Its selected
 learning rate's fold runs each logged a model (``tracking.models``); each becomes a version of
 the registered model ``<experiment>-<dataset>-<weights>`` (one per fold: each was fitted
 without its own test fold, so any of them applies to new cases), with aliases ``fold<k>`` and
@@ -53,14 +55,19 @@ def registered_name(experiment: str, dataset: str, weights: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{experiment}-{dataset}-{weights}")
 
 
-def best_calibrated(results: pd.DataFrame) -> dict[tuple[str, str], pd.Series]:
-    """The row of the best calibrated method per (dataset, weights) (module doc)."""
+def best_calibrated(headline: pd.DataFrame) -> dict[tuple[str, str], pd.Series]:
+    """The headline's chosen method per (dataset, weights) (module doc): a row with ``method``,
+    ``lr_selected``, ``ece_pct_mean``, ``dice_mean``, ``n_subjects``, ``selected_on``, ``verdict``."""
     out = {}
-    for (dataset, weights), part in results.groupby(["dataset", "weights"], sort=True):
-        candidates = part[(part["method"] != BASE_METHOD) & part["dice_bold"].astype(bool)]
-        candidates = candidates[candidates["ece_pct_mean"].notna()]
-        if len(candidates):
-            out[(dataset, weights)] = candidates.sort_values(["ece_pct_mean", "method"]).iloc[0]
+    for h in headline.to_dict("records"):
+        if not isinstance(h.get("chosen_method"), str) or not h["chosen_method"]:
+            continue
+        lr = h.get("chosen_lr")
+        out[(h["dataset"], h["weights"])] = pd.Series({
+            "method": h["chosen_method"], "lr_selected": lr if isinstance(lr, str) else "",
+            "ece_pct_mean": h.get("chosen_ece_pct", math.nan), "dice_mean": h.get("chosen_dice", math.nan),
+            "n_subjects": h.get("n_subjects", 0), "selected_on": h.get("selected_on", ""),
+            "headline_by": h.get("headline_by", ""), "verdict": h.get("verdict", "")})
     return out
 
 
@@ -77,13 +84,14 @@ def _version_of(client: MlflowClient, tracking_uri: str, name: str, run_id: str,
     return str(v.version)
 
 
-def register_best(client: MlflowClient, tracking_uri: str, experiment: str, results: pd.DataFrame,
+def register_best(client: MlflowClient, tracking_uri: str, experiment: str, headline: pd.DataFrame,
                   selections: Sequence[Selection], warn: WarningLog | None = None) -> list[Registration]:
-    """Register the best calibrated model of every dataset x weights (module doc)."""
+    """Register the headline's chosen calibrated model of every dataset x weights (module doc);
+    ``headline`` is tracking.report.headline's table."""
     warn = warn or WarningLog()
     by_key = {s.key: s for s in selections}
     done = []
-    for (dataset, weights), row in best_calibrated(results).items():
+    for (dataset, weights), row in best_calibrated(headline).items():
         sel = by_key.get((dataset, weights, row["method"]))
         if sel is None:
             continue
@@ -105,7 +113,9 @@ def register_best(client: MlflowClient, tracking_uri: str, experiment: str, resu
         description = (f"Best calibrated model of {dataset} / {weights} weights in experiment {experiment}: "
                        f"{row['method']} (lr {row['lr_selected'] or '-'}), ECE {row['ece_pct_mean']:.2f} %, "
                        f"Dice {row['dice_mean']:.3f} over {int(row['n_subjects'])} test subjects "
-                       f"(lowest ECE among the methods whose Dice is bold). One version per fold; "
+                       f"(lowest mean {row['headline_by'] or 'val_ece'} over folds, selected on "
+                       f"{row['selected_on'] or 'val'}; against the base model: {row['verdict'] or '-'}). "
+                       f"One version per fold; "
                        f"@{BEST_ALIAS} is the fold model with the lowest validation loss.")
         client.update_registered_model(name, description=description)
         for key, value in (("calib.dataset", dataset), ("calib.weights", weights),

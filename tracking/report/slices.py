@@ -1,8 +1,8 @@
 """The slice figure: what calibration does to one test subject's probabilities, next to the truth.
 
 One row per base weights of a dataset: the image (first channel), the label, the phantom's true
-probability p* (when known), the base model's probability, the best calibrated method's (lowest
-mean ECE, as in the headline table) and the absolute errors |p - p*| of both. Every panel is the
+probability p* (when known), the base model's probability, the headline's chosen calibrated
+method's (lowest mean val ECE, tracking.report.headline) and the absolute errors |p - p*| of both. Every panel is the
 same axial slice of the same subject (the first test subject of the lowest fold, on its most
 lesioned slice: ``calib.preview``), read from the trial runs' ``preview.npz`` artifacts.
 """
