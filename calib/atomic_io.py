@@ -12,6 +12,7 @@ sweep and the report all import it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -130,43 +131,107 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 # ---- folders -------------------------------------------------------------------------------------
 
+class FolderConflict(FileExistsError):
+    """A folder's target already holds something other than what this writer made; the
+    message names the target and what each side holds."""
+
+
 def temp_folder(target: Path) -> Path:
     """A new, empty hidden sibling folder of ``target`` to fill before :func:`publish_folder`."""
     target = Path(target)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
 
 
-def publish_folder(tmp: Path, target: Path, keep_existing: Callable[[Path], bool] | None = None) -> bool:
+def remove_folder(target: Path) -> None:
+    """Remove the folder ``target`` (a stale or damaged result) so that it vanishes at once: it is
+    renamed to a hidden sibling first, then deleted. A target that is already gone is no error
+    (another writer removed it first)."""
+    target = Path(target)
+    aside = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+    try:
+        os.rename(target, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _lost_race(exc: OSError) -> bool:
+    """The rename failed because ``target`` is a non-empty folder (or a file) now."""
+    return exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+
+
+def publish_folder(tmp: Path, target: Path, same: Callable[[Path], bool] | None = None,
+                   conflict: Callable[[Path], str] | None = None) -> bool:
     """Rename the filled folder ``tmp`` to ``target`` atomically; True when it was put in place.
 
-    A ``target`` that is absent or an empty folder is replaced. Another one: with
-    ``keep_existing``, kept when ``keep_existing(target)`` says it is complete (another process
-    finished the same result first; ``tmp`` is removed, False) and otherwise removed and replaced
-    (a damaged folder); without it, the rename fails (``OSError``) and ``target`` is untouched.
-    The folder is made readable (``mkdtemp`` makes it private), as a data folder normally is.
+    A ``target`` that is absent or an empty folder is replaced in one rename. When it is not --
+    there before, or written meanwhile by a concurrent writer (the rename fails with ENOTEMPTY /
+    EEXIST) -- ``same(target)`` decides: True, the other writer's folder holds this result, so it
+    is kept, ``tmp`` is removed and False returned; False (or no ``same``), a FolderConflict is
+    raised (``tmp`` removed, ``target`` untouched) whose message is ``conflict(target)`` where
+    given (say what each side holds), else one naming the target. The folder is made readable
+    (``mkdtemp`` makes it private), as a data folder normally is.
     """
     tmp, target = Path(tmp), Path(target)
     os.chmod(tmp, 0o755)
-    if keep_existing is not None and target.exists():
-        if keep_existing(target):
+    try:
+        os.rename(tmp, target)  # replaces an empty folder atomically on POSIX, fails on any other
+    except OSError as exc:
+        if not _lost_race(exc):
+            raise
+        if same is not None and same(target):
             shutil.rmtree(tmp, ignore_errors=True)
             return False
-        shutil.rmtree(target)
-    os.replace(tmp, target)  # replaces an empty folder atomically on POSIX
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = conflict(target) if conflict is not None else (
+            f"{target} already exists with other content than this writer made; remove it or "
+            "choose another folder")
+        raise FolderConflict(message) from None
     fsync_dir(target.parent)
     return True
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; the folders it created, deepest first."""
+    created = []
+    probe = Path(folder)
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_if_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:  # deepest first; a folder another writer filled meanwhile stays
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 @contextmanager
-def atomic_folder(target: Path, keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def atomic_folder(target: Path, same: Callable[[Path], bool] | None = None,
+                  conflict: Callable[[Path], str] | None = None) -> Iterator[Path]:
     """A temporary sibling folder of ``target`` to fill; on clean exit :func:`publish_folder`
-    puts it in place, on error it is removed (``target`` untouched)."""
-    tmp = temp_folder(target)
+    puts it in place (``same``, ``conflict``: as there). On any error the temporary folder is
+    removed, ``target`` is untouched, and the parent folders this call created are removed again
+    where still empty, so a failed writer leaves nothing behind. The one way every writer of a
+    shared folder of the project (phantoms, preprocessed cache, imported predictions, logit
+    cache) publishes it."""
+    target = Path(target)
+    created = _make_parents(target.parent)
+    try:
+        tmp = temp_folder(target)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
     try:
         yield tmp
-        publish_folder(tmp, target, keep_existing)
+        publish_folder(tmp, target, same, conflict)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_if_empty(created)
         raise
 
 

@@ -1,27 +1,20 @@
-"""Base-logit cache: each subject's logits written once, then served as batches of z-slices
-(the loaders: :mod:`calib.data.batches`).
+"""Base-logit cache: each subject's logits written once by the base stage (:func:`export_logits`),
+then served as batches of z-slices (the loaders: :mod:`calib.data.batches`).
 
-Platt scaling, the auxiliary conv and temperature scaling learn one to a few hundred weights on top of the base
-network's logits. Recomputing the U-Net forward every epoch would cost them orders of magnitude
-more than the fit itself, so the base stage writes every subject's logits once (float16) and the
-logit-based methods train on this cache only.
+Platt scaling, the auxiliary conv and temperature scaling learn one to a few hundred weights on
+top of the base network's logits. Recomputing the U-Net forward every epoch would cost them
+orders of magnitude more than the fit itself, so the base stage writes every subject's logits
+once (float16) and the logit-based methods train on this cache only.
 
-Layout of a cache directory::
-
-    <dir>/<subject_id>.logit.npy    float16 (Z, X, Y)  base logits, z-slice-major
-    <dir>/<subject_id>.target.npy   uint8   (Z, X, Y)  0 / 1 label inside the mask, 255 outside
-    <dir>/index.json                {"format": 1, "shape": [X, Y, Z], "subjects": [...], "source": {...}}
-
-Slices are stored z-major so that one z-slice is one contiguous block: batches of random slices
-read from memory-mapped files touch only the pages they need. Arrays handed to callers are in the
-project's (X, Y, Z) order (a transposed view; no copy).
+The files (layout, writing and reading one subject) are :mod:`calib.data.logit_cache`, below both
+this module and the loaders; their names are re-exported here, so ``calib.logits`` stays the one
+name to import the cache by. This module adds what needs torch and the preprocessed cache: the
+export of a model's logits.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,113 +22,30 @@ import numpy as np
 import torch
 
 from calib import atomic_io
+from calib.data.cache import load_subject
+from calib.data.logit_cache import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    LOGIT_DTYPE,
+    OUTSIDE_MASK,
+    LogitCacheError,
+    LogitVolume,
+    describe,
+    holds,
+    load_logits,
+    logit_path,
+    read_index,
+    subject_paths,
+    target_path,
+    write_index,
+    write_subject_logits,
+)
 
-LOGIT_DTYPE = np.float16
-OUTSIDE_MASK = 255  # target value of voxels outside the brain mask
-INDEX_NAME = "index.json"
-FORMAT_VERSION = 1
-_FP16_MAX = float(np.finfo(np.float16).max)
-
-
-class LogitCacheError(ValueError):
-    """A logit cache is missing, incomplete or inconsistent; the message names the file/subject."""
-
-
-@dataclass(frozen=True)
-class LogitVolume:
-    """One subject's cached base output, arrays in (X, Y, Z) order.
-
-    ``logits`` is float16 (possibly a read-only memory map), ``label`` uint8 in {0, 1} (0 outside
-    the mask), ``mask`` bool.
-    """
-
-    subject_id: str
-    logits: np.ndarray
-    label: np.ndarray
-    mask: np.ndarray
-
-
-def logit_path(logits_dir: Path, subject_id: str) -> Path:
-    return Path(logits_dir) / f"{subject_id}.logit.npy"
-
-
-def target_path(logits_dir: Path, subject_id: str) -> Path:
-    return Path(logits_dir) / f"{subject_id}.target.npy"
-
-
-def subject_paths(logits_dir: Path, subject_id: str) -> tuple[Path, Path]:
-    """(logit path, target path) of one subject; a missing file is a LogitCacheError naming it."""
-    paths = logit_path(logits_dir, subject_id), target_path(logits_dir, subject_id)
-    for p in paths:
-        if not p.is_file():
-            raise LogitCacheError(f"subject {subject_id!r}: missing {p} in the logit cache")
-    return paths
-
-
-def write_subject_logits(logits_dir: Path, subject_id: str, logits: np.ndarray,
-                         label: np.ndarray, mask: np.ndarray) -> None:
-    """Write one subject's logits (X, Y, Z) with its label and mask into ``logits_dir``.
-
-    Logits are stored as float16 (values beyond ±65504 are clipped; sigmoid is 0 or 1 there
-    anyway). Each file is written atomically.
-    """
-    logits = np.asarray(logits)
-    label = np.asarray(label)
-    mask = np.asarray(mask, dtype=bool)
-    if logits.ndim != 3 or label.shape != logits.shape or mask.shape != logits.shape:
-        raise LogitCacheError(
-            f"subject {subject_id!r}: logits, label and mask must be 3-D (X, Y, Z) of one shape; got "
-            f"{logits.shape}, {label.shape}, {mask.shape}")
-    if not np.all(np.isfinite(logits[mask])):
-        raise LogitCacheError(f"subject {subject_id!r}: non-finite logits inside the mask")
-    logits_dir = Path(logits_dir)
-    logits_dir.mkdir(parents=True, exist_ok=True)
-    z_major = np.ascontiguousarray(
-        np.clip(logits, -_FP16_MAX, _FP16_MAX).astype(LOGIT_DTYPE).transpose(2, 0, 1))
-    target = np.where(mask, (label > 0).astype(np.uint8), np.uint8(OUTSIDE_MASK)).astype(np.uint8)
-    atomic_io.save_npy(logit_path(logits_dir, subject_id), z_major)
-    atomic_io.save_npy(target_path(logits_dir, subject_id), np.ascontiguousarray(target.transpose(2, 0, 1)))
-
-
-def write_index(logits_dir: Path, subject_ids: Sequence[str], shape: Sequence[int],
-                source: dict[str, Any] | None = None) -> Path:
-    """Write ``index.json`` (last, atomically): the cache is complete once it exists."""
-    path = Path(logits_dir) / INDEX_NAME
-    payload = {"format": FORMAT_VERSION, "shape": [int(s) for s in shape],
-               "subjects": list(subject_ids), "source": source or {}}
-    atomic_io.write_text(path, json.dumps(payload, indent=2, sort_keys=True))
-    return path
-
-
-def read_index(logits_dir: Path) -> dict[str, Any]:
-    """Read ``index.json`` of a logit cache; a missing or foreign file is a LogitCacheError."""
-    path = Path(logits_dir) / INDEX_NAME
-    if not path.is_file():
-        raise LogitCacheError(f"{path}: no logit-cache index (was the base stage's export completed?)")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LogitCacheError(f"{path}: not valid JSON ({exc})") from exc
-    if index.get("format") != FORMAT_VERSION:
-        raise LogitCacheError(f"{path}: format {index.get('format')!r}, expected {FORMAT_VERSION}")
-    return index
-
-
-def load_logits(logits_dir: Path, subject_id: str, mmap: bool = True) -> LogitVolume:
-    """One subject's cached logits, label and mask in (X, Y, Z) order.
-
-    With ``mmap`` the logits stay a read-only memory map (float16); convert what you use.
-    """
-    lp, tp = subject_paths(logits_dir, subject_id)
-    logits = np.load(lp, mmap_mode="r" if mmap else None, allow_pickle=False)
-    target = np.load(tp, allow_pickle=False)
-    if logits.shape != target.shape or logits.ndim != 3:
-        raise LogitCacheError(f"subject {subject_id!r}: {lp.name} {logits.shape} and {tp.name} "
-                              f"{target.shape} disagree")
-    target = target.transpose(1, 2, 0)
-    mask = target != OUTSIDE_MASK
-    label = np.where(mask, target, 0).astype(np.uint8)
-    return LogitVolume(subject_id, logits.transpose(1, 2, 0), label, mask)
+__all__ = [
+    "FORMAT_VERSION", "INDEX_NAME", "LOGIT_DTYPE", "OUTSIDE_MASK", "LogitCacheError", "LogitVolume",
+    "export_logits", "load_logits", "logit_path", "read_index", "subject_paths", "target_path",
+    "write_index", "write_subject_logits",
+]
 
 
 @torch.no_grad()
@@ -147,38 +57,41 @@ def export_logits(model: torch.nn.Module, cache_dir: Path, subject_ids: Sequence
     ``model(image (1, C, X, Y, Z), mask=(1, 1, X, Y, Z)) -> logits (1, 1, X, Y, Z)``; it runs in
     eval mode without gradients. ``source`` (e.g. the base weights' digest) goes into the index;
     with ``reuse`` an existing complete cache with the same subjects and source is kept as is,
-    so a restarted base stage does not export twice. Returns ``out_dir``.
+    so a restarted base stage does not export twice. Any other folder at ``out_dir`` is stale
+    and replaced. The cache is filled as a temporary sibling and appears in one rename
+    (``atomic_io.atomic_folder``): a concurrent export of the same subjects and source that
+    finishes first is kept (this one dropped); one of another source is a LogitCacheError
+    naming both. Returns ``out_dir``.
     """
-    from calib.data import load_subject  # calib.data imports heavy readers; import on use
-
     out_dir = Path(out_dir)
     source = dict(source or {})
-    if reuse and (out_dir / INDEX_NAME).is_file():
-        try:
-            index = read_index(out_dir)
-        except LogitCacheError:
-            index = None
-        if index and index.get("subjects") == list(subject_ids) and index.get("source") == source and all(
-                logit_path(out_dir, s).is_file() and target_path(out_dir, s).is_file()
-                for s in subject_ids):
-            return out_dir
-    (out_dir / INDEX_NAME).unlink(missing_ok=True)  # incomplete until the index is rewritten
+    ids = list(subject_ids)
+    if reuse and holds(out_dir, ids, source):
+        return out_dir
+    if out_dir.exists():
+        atomic_io.remove_folder(out_dir)  # stale: other weights, other subjects, or reuse=False
     was_training = model.training
     model.to(device).eval()
     shape = None
     try:
-        for sid in subject_ids:
-            subj = load_subject(Path(cache_dir), sid)
-            image = torch.from_numpy(np.ascontiguousarray(subj.image))[None].to(device)
-            mask = torch.from_numpy(np.ascontiguousarray(subj.mask))[None, None].to(device)
-            logits = model(image.float(), mask=mask)[0, 0].float().cpu().numpy()
-            write_subject_logits(out_dir, sid, logits, subj.label, subj.mask)
-            if shape is None:
-                shape = logits.shape
-            elif logits.shape != shape:
-                raise LogitCacheError(f"subject {sid!r}: shape {logits.shape} differs from {shape} "
-                                      "of the other subjects; slice batches need one shape")
+        with atomic_io.atomic_folder(
+                out_dir, same=lambda t: holds(t, ids, source),
+                conflict=lambda t: f"logit cache {t} was written meanwhile with {describe(t)}; this "
+                                   f"export holds {len(ids)} subject(s) from source {source}") as tmp:
+            for sid in ids:
+                subj = load_subject(Path(cache_dir), sid)
+                image = torch.from_numpy(np.ascontiguousarray(subj.image))[None].to(device)
+                mask = torch.from_numpy(np.ascontiguousarray(subj.mask))[None, None].to(device)
+                logits = model(image.float(), mask=mask)[0, 0].float().cpu().numpy()
+                write_subject_logits(tmp, sid, logits, subj.label, subj.mask)
+                if shape is None:
+                    shape = logits.shape
+                elif logits.shape != shape:
+                    raise LogitCacheError(f"subject {sid!r}: shape {logits.shape} differs from {shape} "
+                                          "of the other subjects; slice batches need one shape")
+            write_index(tmp, ids, shape or (0, 0, 0), source)
+    except atomic_io.FolderConflict as exc:
+        raise LogitCacheError(str(exc)) from None
     finally:
         model.train(was_training)
-    write_index(out_dir, subject_ids, shape or (0, 0, 0), source)
     return out_dir

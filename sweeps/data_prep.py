@@ -10,11 +10,9 @@ read it directly.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from calib import atomic_io
 from sweeps.config import DatasetSpec, GridConfig
 
 
@@ -31,35 +29,19 @@ class PreparedData:
                 "folds": {int(k): list(v) for k, v in self.folds.items()}}
 
 
-def _phantom_marker(root: Path) -> Path:
-    return root.parent / f".{root.name}.phantom.json"
-
-
 def ensure_phantoms(spec: DatasetSpec) -> None:
     """Write the dataset's phantoms into its root unless they are already there.
 
-    A sidecar file records the phantom spec, so that a root written with other settings is
-    reported instead of silently reused.
+    calib.data's writer keeps the recipe (dataset, subjects, seed, shape, generator version)
+    inside the folder and is the one check: the same phantoms are used as they are (also when a
+    concurrent launch writes them at the same time), a root holding anything else is one
+    DataError naming what it holds and what the grid asks for.
     """
-    from calib.data import DataError, write_phantoms
-    from calib.data.phantom import PHANTOM_VERSION
+    from calib.data import write_phantoms
 
     assert spec.phantom is not None and spec.root is not None
     ph = spec.phantom
-    # The generator's version is part of the spec: phantoms of an older generator are reported,
-    # not silently reused as if the grid's seed had produced them.
-    want = {"dataset": spec.name, "subjects": ph.subjects, "seed": ph.seed,
-            "shape": None if ph.shape is None else list(ph.shape), "version": PHANTOM_VERSION}
-    marker = _phantom_marker(spec.root)
-    if spec.root.is_dir() and any(spec.root.iterdir()):
-        if marker.exists():
-            have = json.loads(marker.read_text())
-            if have != want:
-                raise DataError(f"phantoms in {spec.root} were written with {have}, the grid asks for "
-                                f"{want}: delete {spec.root} (and {marker}) to regenerate them")
-        return  # written before (or real data the user put there)
     write_phantoms(spec.name, spec.root, ph.subjects, ph.seed, ph.shape)
-    atomic_io.write_text(marker, json.dumps(want, sort_keys=True))
 
 
 def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) -> PreparedData:

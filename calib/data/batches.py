@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from calib.logits import OUTSIDE_MASK, LogitCacheError, subject_paths
+from .logit_cache import OUTSIDE_MASK, LogitCacheError, subject_paths
 
 #: Environment variable that sets the default number of loader worker processes.
 WORKERS_ENV = "CALIB_LOADER_WORKERS"

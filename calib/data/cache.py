@@ -22,6 +22,8 @@ import json
 import os
 import struct
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +96,37 @@ def is_complete(cache_dir: Path, key: str | None = None) -> bool:
     if key is not None and meta["hash"] != key:
         return False
     return all((Path(cache_dir) / f"{sid}.npz").is_file() for sid in meta["subjects"])
+
+
+def _held_hash(cache_dir: Path) -> str:
+    try:
+        return f"hash {read_meta(cache_dir)['hash']}"
+    except DataError:
+        return "no valid meta.json"
+
+
+@contextmanager
+def cache_writer(target: Path, key: str,
+                 complete: Callable[[Path, str], bool] = is_complete) -> Iterator[Path]:
+    """A temporary folder to fill with the cache folder ``target`` of hash ``key``; on clean exit
+    it is put in place in one rename (``atomic_io.atomic_folder``).
+
+    A ``target`` there already but not ``complete(target, key)`` (files deleted by hand, a
+    foreign folder) is removed first. When a concurrent run of the same inputs publishes first,
+    its folder is kept and this one dropped; a folder of another hash appearing meanwhile is one
+    DataError naming it and both hashes. On error nothing is left (nor the parents created).
+    """
+    target = Path(target)
+    if target.exists() and not complete(target, key):
+        atomic_io.remove_folder(target)  # damaged: replaced, as if absent
+    try:
+        with atomic_io.atomic_folder(
+                target, same=lambda t: complete(t, key),
+                conflict=lambda t: f"cache folder {t} was written meanwhile by another run with "
+                                   f"{_held_hash(t)}, this run's is hash {key}; delete it and run again") as tmp:
+            yield tmp
+    except atomic_io.FolderConflict as exc:
+        raise DataError(str(exc)) from None
 
 
 @dataclass

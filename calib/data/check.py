@@ -9,37 +9,13 @@ check (``check_subject``) on the files it loads, so bad input never reaches the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from .errors import (
-    AFFINE_MISMATCH,
-    BAD_DIMENSIONS,
-    LABEL_VALUES,
-    NONFINITE,
-    PROB_RANGE,
-    SHAPE_MISMATCH,
-    TRUNCATED,
-    UNREADABLE,
-    CheckReport,
-    Problem,
-)
+from .errors import LABEL_VALUES, NONFINITE, PROB_RANGE, CheckReport, Problem
 from .layouts import SubjectFiles, discover, get_layout
-
-# Header affines written by different tools for one grid differ by float32 round-off only.
-AFFINE_ATOL = 1e-3
-
-
-@dataclass(frozen=True)
-class VolumeInfo:
-    """Geometry of one readable file: spatial shape (first three axes) and voxel-to-mm affine."""
-
-    path: Path
-    shape: tuple[int, ...]
-    affine: np.ndarray
+from .nifti import VoxelGrid, compare_grids, read_volume
 
 
 def _inspect(
@@ -50,25 +26,13 @@ def _inspect(
     ndims: tuple[int, ...] = (3,),
     label_values: frozenset[int] | None = None,
     probability: bool = False,
-) -> VolumeInfo | None:
-    """Open and fully read one file, appending its problems; None when it cannot be read."""
-    try:
-        # No memory map: a file changed under a map kills the process (SIGBUS) instead of raising.
-        img = nib.load(str(path), mmap=False)
-    except Exception as exc:  # nibabel raises many types for bad headers; all mean "unreadable"
-        problems.append(Problem(subject, str(path), UNREADABLE, f"cannot open as NIfTI: {exc}"))
+) -> tuple[Path, VoxelGrid] | None:
+    """Open and fully read one file (``nifti.read_volume``), appending its problems; its path
+    and grid, or None when it cannot be read."""
+    volume = read_volume(path, subject, problems, ndims)
+    if volume is None:
         return None
-    if len(img.shape) not in ndims:
-        want = " or ".join(f"{n}D" for n in ndims)
-        problems.append(Problem(subject, str(path), BAD_DIMENSIONS, f"expected {want}, got shape {img.shape}"))
-        return None
-    try:
-        # Reading every voxel is the only way to find a gzip stream or file cut short.
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:
-        problems.append(Problem(subject, str(path), TRUNCATED, f"voxel data cannot be read: {exc}"))
-        return None
-    info = VolumeInfo(path, tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64))
+    data = volume.data
     if np.issubdtype(data.dtype, np.floating):
         n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         if n_bad:
@@ -87,29 +51,7 @@ def _inspect(
         lo, hi = float(data.min()), float(data.max())
         if lo < 0.0 or hi > 1.0:
             problems.append(Problem(subject, str(path), PROB_RANGE, f"values span [{lo:g}, {hi:g}], not in [0, 1]"))
-    return info
-
-
-def _compare(ref: VolumeInfo, other: VolumeInfo, subject: str, problems: list[Problem]) -> None:
-    if other.shape != ref.shape:
-        problems.append(
-            Problem(
-                subject,
-                str(other.path),
-                SHAPE_MISMATCH,
-                f"grid {other.shape} differs from {ref.path.name} {ref.shape}",
-            )
-        )
-    elif not np.allclose(other.affine, ref.affine, rtol=0.0, atol=AFFINE_ATOL):
-        diff = float(np.abs(other.affine - ref.affine).max())
-        problems.append(
-            Problem(
-                subject,
-                str(other.path),
-                AFFINE_MISMATCH,
-                f"affine differs from {ref.path.name} (max abs difference {diff:g})",
-            )
-        )
+    return Path(path), volume.grid
 
 
 def check_subject(files: SubjectFiles, dataset: str, include_ignored: bool = True) -> list[Problem]:
@@ -133,8 +75,8 @@ def check_subject(files: SubjectFiles, dataset: str, include_ignored: bool = Tru
     readable = [v for v in others if v is not None]
     ref = label if label is not None else (readable[0] if readable else None)
     for info in readable:
-        if ref is not None and info is not ref:
-            _compare(ref, info, sid, problems)
+        if ref is not None and info is not ref:  # voxel for voxel: preprocessing stacks them
+            compare_grids(ref[1], ref[0], info[1], info[0], sid, problems)
     return problems
 
 

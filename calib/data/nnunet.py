@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError
+from .errors import UNREADABLE, DataError, Problem
 
 PROBABILITIES_KEY = "probabilities"
 # ITK's world is LPS; nibabel's affines map to RAS: negate x and y.
@@ -50,6 +50,12 @@ _ALLOWED_GLOBALS = {
      ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
 
+def _unreadable(path: Path, why: str) -> DataError:
+    """``<path>: <why>``, with the ``unreadable`` problem behind it (so that a caller listing
+    problems names the file once)."""
+    return DataError(f"{path}: {why}", [Problem("", str(path), UNREADABLE, why)])
+
+
 class _PropertiesUnpickler(pickle.Unpickler):
     """An unpickler that resolves only :data:`_ALLOWED_GLOBALS` (numpy dtypes by class name)."""
 
@@ -66,12 +72,12 @@ def read_properties(path: Path) -> dict:
         with open(path, "rb") as fh:
             props = _PropertiesUnpickler(fh).load()
     except FileNotFoundError:
-        raise DataError(f"{path}: nnU-Net properties file missing (nnU-Net writes <case>.pkl "
+        raise _unreadable(path, f"nnU-Net properties file missing (nnU-Net writes <case>.pkl "
                         "beside <case>.npz with --save_probabilities)") from None
     except Exception as exc:  # noqa: BLE001 - any failure here means "not nnU-Net's properties"
-        raise DataError(f"{path}: cannot read nnU-Net properties ({exc})") from None
+        raise _unreadable(path, f"cannot read nnU-Net properties ({exc})") from None
     if not isinstance(props, dict):
-        raise DataError(f"{path}: expected nnU-Net's properties dict, got {type(props).__name__}")
+        raise _unreadable(path, f"expected nnU-Net's properties dict, got {type(props).__name__}")
     return props
 
 
@@ -88,13 +94,13 @@ def affine_from_properties(props: dict, where: Path) -> np.ndarray:
     if isinstance(sitk, dict) and {"spacing", "origin", "direction"} <= set(sitk):
         spacing = np.asarray(sitk["spacing"], dtype=np.float64)
         if spacing.shape != (3,):
-            raise DataError(f"{where}: a {spacing.size}-D nnU-Net prediction; only 3-D volumes are supported")
+            raise _unreadable(where, f"a {spacing.size}-D nnU-Net prediction; only 3-D volumes are supported")
         direction = np.asarray(sitk["direction"], dtype=np.float64).reshape(3, 3)
         affine = np.eye(4)
         affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
         affine[:3, 3] = _LPS_TO_RAS @ np.asarray(sitk["origin"], dtype=np.float64)
         return affine
-    raise DataError(f"{where}: properties hold neither 'sitk_stuff' (spacing, origin, direction) nor "
+    raise _unreadable(where, f"properties hold neither 'sitk_stuff' (spacing, origin, direction) nor "
                     "'nibabel_stuff' (an affine): cannot place the prediction in space")
 
 
@@ -110,15 +116,15 @@ def read_nnunet_probabilities(npz_path: Path, pkl_path: Path | None = None) -> t
     try:
         with np.load(npz_path, allow_pickle=False) as npz:
             if PROBABILITIES_KEY not in npz.files:
-                raise DataError(f"{npz_path}: no {PROBABILITIES_KEY!r} array (has {', '.join(npz.files) or 'none'}); "
+                raise _unreadable(npz_path, f"no {PROBABILITIES_KEY!r} array (has {', '.join(npz.files) or 'none'}); "
                                 "is this nnU-Net's --save_probabilities output?")
             probs = np.asarray(npz[PROBABILITIES_KEY])
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{npz_path}: unreadable nnU-Net prediction ({exc})") from None
+        raise _unreadable(npz_path, f"unreadable nnU-Net prediction ({exc})") from None
     if probs.ndim != 4:
-        raise DataError(f"{npz_path}: {PROBABILITIES_KEY} has shape {probs.shape}; expected "
+        raise _unreadable(npz_path, f"{PROBABILITIES_KEY} has shape {probs.shape}; expected "
                         "(classes, z, y, x) of a 3-D case")
     affine = affine_from_properties(read_properties(pkl_path), pkl_path)
     return np.ascontiguousarray(probs.transpose(0, 3, 2, 1), dtype=np.float32), affine

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,6 +352,15 @@ def _read_recipe(out: Path) -> dict | None:
         return None
 
 
+def _recipe_conflict(out: Path, recipe: dict) -> str:
+    """Why ``out`` cannot take the phantoms of ``recipe``: what it holds, and what was asked."""
+    have = _read_recipe(out)
+    held = (f"phantoms of another recipe {json.dumps(have, sort_keys=True)}" if have is not None
+            else f"no phantom recipe ({RECIPE_NAME}): other data")
+    return (f"phantom output {out} exists and is not an empty folder (nor the same phantoms): it holds "
+            f"{held}, this call writes {json.dumps(recipe, sort_keys=True)}; delete it or choose a new one")
+
+
 def subject_ids(dataset: str, n_subjects: int) -> list[str]:
     """Phantom subject ids, in the style of the real ones."""
     if dataset == "brats18":
@@ -403,22 +411,19 @@ def write_phantoms(
         if _read_recipe(out) == recipe:  # the same phantoms are already there: nothing to do
             log.info("phantom dataset already at %s; nothing to do", out)
             return ids
-        raise DataError(
-            f"phantom output {out} exists and is not an empty folder (nor the same phantoms); choose a new one"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_io.temp_folder(out)
+        raise DataError(_recipe_conflict(out, recipe))
+    # A concurrent writer of the same phantoms may publish first: its folder is then used.
     try:
-        code = SUPPORTED_DATASETS.index(dataset)
-        for index, sid in enumerate(ids):
-            rng = np.random.default_rng([seed, code, index])
-            if dataset == "brats18":
-                _write_brats(synth_brats(rng, sid, shape, axcodes, hemisphere), tmp)
-            else:
-                _write_isles(synth_isles(rng, sid, shape, axcodes, hemisphere), tmp, index)
-        (tmp / RECIPE_NAME).write_text(json.dumps(recipe, sort_keys=True) + "\n")
-        atomic_io.publish_folder(tmp, out)  # readable, replaces an empty folder atomically
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_io.atomic_folder(out, same=lambda t: _read_recipe(t) == recipe,
+                                     conflict=lambda t: _recipe_conflict(t, recipe)) as tmp:
+            code = SUPPORTED_DATASETS.index(dataset)
+            for index, sid in enumerate(ids):
+                rng = np.random.default_rng([seed, code, index])
+                if dataset == "brats18":
+                    _write_brats(synth_brats(rng, sid, shape, axcodes, hemisphere), tmp)
+                else:
+                    _write_isles(synth_isles(rng, sid, shape, axcodes, hemisphere), tmp, index)
+            (tmp / RECIPE_NAME).write_text(json.dumps(recipe, sort_keys=True) + "\n")
+    except atomic_io.FolderConflict as exc:
+        raise DataError(str(exc)) from None
     return ids

@@ -20,7 +20,7 @@ the calibrators work on logits.
 :func:`import_predictions` turns such a dataset into the two caches the logit-based calibrators
 read, so Platt, temperature and auxiliary run on it unchanged: ``<out>/<name>-<hash16>/`` with
 ``meta.json`` and ``<case>.npz`` (``label``, ``mask`` and an ``image`` of zero channels -- the
-preprocessed-cache contract, ``calib.data.load_subject``), and ``logits/`` (``calib.logits``).
+preprocessed-cache contract, ``calib.data.load_subject``), and ``logits/`` (``calib.data.logit_cache``).
 Every case is put in RAS voxel order (nibabel's closest canonical orientation, no resampling:
 the calibrators see the network's own grid) and padded at the far ends to the largest case so
 that slices batch (padding outside the mask; logits edge-replicated, which is what the auxiliary
@@ -31,21 +31,15 @@ grid, so a calibrated map can be written back onto it (:class:`VoxelGrid`).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from calib import atomic_io
-from .cache import cache_dir_for, cache_key, is_complete
-from .check import AFFINE_ATOL
+from .cache import cache_dir_for, cache_key, cache_writer, is_complete
 from .errors import (
-    AFFINE_MISMATCH,
     BAD_DIMENSIONS,
     EMPTY_DATASET,
     EMPTY_MASK,
@@ -53,8 +47,6 @@ from .errors import (
     MISSING_MODALITY,
     NONFINITE,
     PROB_RANGE,
-    SHAPE_MISMATCH,
-    TRUNCATED,
     UNREADABLE,
     CheckReport,
     DataError,
@@ -62,6 +54,8 @@ from .errors import (
     error_from_problems,
 )
 from .layouts import is_nifti, natural_key, nifti_stem
+from .logit_cache import write_index, write_subject_logits
+from .nifti import VoxelGrid, compare_grids, read_grid, read_volume
 from .nnunet import read_nnunet_probabilities
 
 log = logging.getLogger(__name__)
@@ -74,7 +68,6 @@ LOGITS_DIRNAME = "logits"
 #: Probabilities may overshoot [0, 1] by float16 rounding (a sum of softmax channels); beyond
 #: this it is a problem of the data, not of rounding.
 PROB_TOLERANCE = 1e-3
-_RAS = axcodes2ornt("RAS")
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -126,51 +119,6 @@ class PredictionsConfig:
                  masks=None if self.masks is None else str(self.masks),
                  foreground=None if self.foreground is None else list(self.foreground))
         return d
-
-
-# ---- geometry ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class VoxelGrid:
-    """A voxel grid (shape, voxel -> RAS mm affine) and the axis flips/permutation to RAS order."""
-
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-
-    @property
-    def ornt(self) -> np.ndarray:
-        return io_orientation(self.affine)
-
-    @property
-    def ras_shape(self) -> tuple[int, int, int]:
-        out = [0, 0, 0]
-        for axis, (target, _) in enumerate(self.ornt):
-            out[int(target)] = self.shape[axis]
-        return tuple(out)
-
-    @property
-    def ras_affine(self) -> np.ndarray:
-        return self.affine @ inv_ornt_aff(self.ornt, self.shape)
-
-    def to_ras(self, array: np.ndarray) -> np.ndarray:
-        """``array`` (X, Y, Z, ...) on this grid, flipped/permuted into RAS order (no resampling)."""
-        return apply_orientation(array, self.ornt)
-
-    def from_ras(self, array: np.ndarray) -> np.ndarray:
-        """The inverse of :meth:`to_ras`: an array in RAS order back on this grid's voxel axes."""
-        return apply_orientation(array, ornt_transform(_RAS, self.ornt))
-
-    def same_space(self, other: "VoxelGrid") -> bool:
-        """True when both grids cover the same voxels in space (in any axis order)."""
-        return self.ras_shape == other.ras_shape and np.allclose(
-            self.ras_affine, other.ras_affine, rtol=0.0, atol=AFFINE_ATOL)
-
-    def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "affine": np.asarray(self.affine, dtype=float).tolist()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VoxelGrid":
-        return cls(tuple(int(s) for s in d["shape"]), np.asarray(d["affine"], dtype=np.float64))
 
 
 # ---- discovery -----------------------------------------------------------------------------------
@@ -252,21 +200,6 @@ def discover_predictions(config: PredictionsConfig) -> tuple[list[CaseFiles], li
 
 # ---- reading one case ----------------------------------------------------------------------------
 
-def _load_nifti(path: Path, case: str, problems: list[Problem]) -> tuple[np.ndarray, VoxelGrid] | None:
-    """(voxel data as stored, its grid) of one NIfTI file; None (with a problem) when unreadable."""
-    try:
-        img = nib.load(str(path), mmap=False)  # no memory map: a file changed under it kills the process
-    except Exception as exc:  # nibabel raises many types for bad headers
-        problems.append(Problem(case, str(path), UNREADABLE, f"cannot open as NIfTI: {exc}"))
-        return None
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:
-        problems.append(Problem(case, str(path), TRUNCATED, f"voxel data cannot be read: {exc}"))
-        return None
-    return data, VoxelGrid(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64))
-
-
 def _channels_first(data: np.ndarray, path: Path, case: str, problems: list[Problem]) -> np.ndarray | None:
     """A NIfTI prediction as (C, X, Y, Z): 3-D is one channel, 4-D (X, Y, Z, C) and the NIfTI
     vector form (X, Y, Z, 1, C) have their channels last."""
@@ -340,35 +273,22 @@ def read_prediction(files: CaseFiles, values: str, foreground: Sequence[int] | N
             return None
         try:
             channels, affine = read_nnunet_probabilities(path, files.properties)
-        except DataError as exc:
-            problems.append(Problem(case, str(path), UNREADABLE, str(exc)))
+        except DataError as exc:  # its problem names the file (the .npz or the .pkl) once
+            problems.extend(Problem(case, p.path, p.kind, p.message) for p in exc.problems)
+            if not exc.problems:
+                problems.append(Problem(case, str(path), UNREADABLE, str(exc)))
             return None
         grid = VoxelGrid(tuple(int(s) for s in channels.shape[1:]), affine)
     else:
-        loaded = _load_nifti(path, case, problems)
-        if loaded is None:
+        volume = read_volume(path, case, problems)
+        if volume is None:
             return None
-        data, grid = loaded
-        channels = _channels_first(data, path, case, problems)
+        grid = volume.grid
+        channels = _channels_first(volume.data, path, case, problems)
         if channels is None:
             return None
     logit = foreground_logit(channels, values, foreground, str(path), case, problems)
     return None if logit is None else (logit, grid)
-
-
-def _compare_grid(ref: VoxelGrid, ref_path: Path, other: VoxelGrid, other_path: Path, case: str,
-                  problems: list[Problem]) -> bool:
-    """Same space (after putting both in RAS order)? Appends a shape / affine problem if not."""
-    if ref.ras_shape != other.ras_shape:
-        problems.append(Problem(case, str(other_path), SHAPE_MISMATCH,
-                                f"grid {other.shape} does not match {ref_path.name} {ref.shape}"))
-        return False
-    if not ref.same_space(other):
-        diff = float(np.abs(ref.ras_affine - other.ras_affine).max())
-        problems.append(Problem(case, str(other_path), AFFINE_MISMATCH,
-                                f"affine differs from {ref_path.name} (max abs difference {diff:g} in RAS order)"))
-        return False
-    return True
 
 
 @dataclass
@@ -405,26 +325,19 @@ def load_case(files: CaseFiles, config: PredictionsConfig) -> tuple[PredictionCa
     if not files.complete:
         return None, problems  # its missing files are discovery problems
     pred = read_prediction(files, config.values, config.foreground, problems)
-    label = _load_nifti(files.label, cid, problems)
-    if label is not None and label[0].ndim != 3:
-        problems.append(Problem(cid, str(files.label), BAD_DIMENSIONS, f"expected 3-D, got shape {label[0].shape}"))
-        label = None
-    mask = None
-    if files.mask is not None:
-        mask = _load_nifti(files.mask, cid, problems)
-        if mask is not None and mask[0].ndim != 3:
-            problems.append(Problem(cid, str(files.mask), BAD_DIMENSIONS, f"expected 3-D, got shape {mask[0].shape}"))
-            mask = None
+    label = read_volume(files.label, cid, problems, ndims=(3,))
+    mask = read_volume(files.mask, cid, problems, ndims=(3,)) if files.mask is not None else None
     if pred is None or label is None or (files.mask is not None and mask is None):
         return None, problems
     logit, grid = pred
-    if not _compare_grid(label[1], files.label, grid, files.prediction, cid, problems):
+    # any axis order: the prediction and its label need only cover the same voxels in space
+    if not compare_grids(label.grid, files.label, grid, files.prediction, cid, problems, any_axis_order=True):
         return None, problems
-    fg = _label_foreground(label[0], config.foreground, cid, files.label, problems)
+    fg = _label_foreground(label.data, config.foreground, cid, files.label, problems)
     if mask is not None:
-        if not _compare_grid(label[1], files.label, mask[1], files.mask, cid, problems):
+        if not compare_grids(label.grid, files.label, mask.grid, files.mask, cid, problems, any_axis_order=True):
             return None, problems
-        inside = mask[1].to_ras(np.asarray(mask[0]) > config.mask_threshold)
+        inside = mask.grid.to_ras(np.asarray(mask.data) > config.mask_threshold)
     else:
         inside = np.ones(grid.ras_shape, dtype=bool)
     if fg is None:
@@ -433,7 +346,7 @@ def load_case(files: CaseFiles, config: PredictionsConfig) -> tuple[PredictionCa
         problems.append(Problem(cid, str(files.mask), EMPTY_MASK, f"no voxel > {config.mask_threshold:g}"))
         return None, problems
     case = PredictionCase(cid, np.ascontiguousarray(grid.to_ras(logit)),
-                          np.ascontiguousarray(label[1].to_ras(fg)), np.ascontiguousarray(inside), grid)
+                          np.ascontiguousarray(label.grid.to_ras(fg)), np.ascontiguousarray(inside), grid)
     return case, problems
 
 
@@ -465,8 +378,7 @@ def _fingerprint(config: PredictionsConfig, cases: list[CaseFiles]) -> list[list
 
 
 def _header_ras_shape(path: Path) -> tuple[int, int, int]:
-    img = nib.load(str(path))
-    return VoxelGrid(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine)).ras_shape
+    return read_grid(path)[0].ras_shape
 
 
 def _pad_to(array: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
@@ -487,8 +399,6 @@ def import_predictions(config: PredictionsConfig, out: Path, name: str) -> Path:
     Any problem :func:`check_predictions` would report raises one DataError listing them and
     leaves nothing in ``out`` (the folder appears in one rename once complete).
     """
-    from calib.logits import write_index, write_subject_logits  # torch: only when there is work
-
     cases, problems = discover_predictions(config)
     if problems:
         raise error_from_problems(problems, f"predictions {config.predictions}")
@@ -499,11 +409,7 @@ def import_predictions(config: PredictionsConfig, out: Path, name: str) -> Path:
         return target
     # One shape for every case (slice batches need it): the largest RAS extent per axis.
     shape = tuple(int(s) for s in np.max([_header_ras_shape(c.label) for c in cases], axis=0))
-    out = Path(out)
-    created_out = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_io.temp_folder(target)
-    try:
+    with cache_writer(target, key, complete=is_imported) as tmp:
         infos, errors = {}, []
         for files in cases:
             case, found = load_case(files, config)
@@ -514,7 +420,7 @@ def import_predictions(config: PredictionsConfig, out: Path, name: str) -> Path:
             mask = _pad_to(case.mask, shape, "constant")
             logits = _pad_to(case.logits, shape, "edge")
             atomic_io.save_npz(tmp / f"{case.case_id}.npz", image=np.zeros((0, *shape), np.float32),
-                            label=label, mask=mask)
+                               label=label, mask=mask)
             write_subject_logits(logits_dir(tmp), case.case_id, logits, label, mask)
             infos[case.case_id] = {
                 "prediction": str(files.prediction), "label": str(files.label),
@@ -531,16 +437,5 @@ def import_predictions(config: PredictionsConfig, out: Path, name: str) -> Path:
             "config": config.rule(), "hash": key, "channels": [], "subjects": ids, "shape": list(shape),
             "kind": KIND, "source": config.to_dict(), "subject_info": infos, "has_true_prob": False,
         })
-        # A complete import there (another run was first) is kept; a damaged one replaced.
-        if not atomic_io.publish_folder(tmp, target, keep_existing=lambda t: is_imported(t, key)):
-            return target
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_out:
-            try:
-                out.rmdir()
-            except OSError:
-                pass
-        raise
     log.info("imported %d cases of %s into %s", len(cases), config.predictions, target)
     return target

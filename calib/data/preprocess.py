@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -39,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from calib import atomic_io
-from .cache import cache_dir_for, cache_key, is_complete, source_fingerprint, write_subject
+from .cache import cache_dir_for, cache_key, cache_writer, is_complete, source_fingerprint, write_subject
 from .check import check_subject
 from .errors import EMPTY_MASK, DataError, Problem, error_from_problems
 from .layouts import SubjectFiles, discover, get_layout
@@ -270,10 +269,7 @@ def preprocess_dataset(
         log.info("cache hit: %s already holds %d preprocessed subjects; nothing to do", target, len(subjects))
         return target
 
-    created_out = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_io.temp_folder(target)
-    try:
+    with cache_writer(target, key) as tmp:
         n_workers = min(workers or min(os.cpu_count() or 1, 8), len(subjects))
         with tqdm(total=len(subjects), desc=f"preprocess {dataset}", unit="subject",
                   disable=not progress) as bar:
@@ -291,18 +287,5 @@ def preprocess_dataset(
             "has_true_prob": all(s.true_prob is not None for s in subjects),
         }
         atomic_io.write_json(tmp / "meta.json", meta)
-        # A complete folder there: another run finished first (same inputs, same result); an
-        # incomplete one is damaged (files deleted by hand) and replaced.
-        if not atomic_io.publish_folder(tmp, target, keep_existing=lambda t: is_complete(t, key)):
-            log.info("cache hit: %s was completed by another run", target)
-            return target
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_out:
-            try:
-                out.rmdir()  # only if still empty
-            except OSError:
-                pass
-        raise
     log.info("preprocessed %d subjects into %s", len(subjects), target)
     return target

@@ -65,25 +65,39 @@ def test_folder_appears_complete_or_not_at_all(tmp_path):
     with atomic_io.atomic_folder(target) as tmp:
         (tmp / "part").write_text("1")
     assert [p.name for p in target.iterdir()] == ["part"] and target.stat().st_mode & 0o777 == 0o755
-    with pytest.raises(OSError):  # a non-empty one is not, without keep_existing
+    with pytest.raises(atomic_io.FolderConflict):  # a non-empty one is not, without a same-check
         with atomic_io.atomic_folder(target) as tmp:
             (tmp / "other").write_text("2")
     assert [p.name for p in target.iterdir()] == ["part"] and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_publish_keeps_a_complete_folder_and_replaces_a_damaged_one(tmp_path):
+def test_publish_keeps_the_same_folder_and_names_a_different_one(tmp_path):
     target = tmp_path / "cache"
     target.mkdir()
     (target / "done").write_text("first")
     tmp = atomic_io.temp_folder(target)
     (tmp / "done").write_text("second")
-    assert atomic_io.publish_folder(tmp, target, keep_existing=lambda t: (t / "done").exists()) is False
+    assert atomic_io.publish_folder(tmp, target, same=lambda t: (t / "done").exists()) is False
     assert (target / "done").read_text() == "first" and not tmp.exists()
-    (target / "done").unlink()  # damaged by hand
     tmp = atomic_io.temp_folder(target)
-    (tmp / "done").write_text("third")
-    assert atomic_io.publish_folder(tmp, target, keep_existing=lambda t: (t / "done").exists()) is True
-    assert (target / "done").read_text() == "third" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    (tmp / "other").write_text("x")
+    with pytest.raises(atomic_io.FolderConflict, match="holds first, this one other"):
+        atomic_io.publish_folder(tmp, target, same=lambda t: (t / "other").exists(),
+                                 conflict=lambda t: f"{t} holds first, this one other")
+    assert (target / "done").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_stale_folder_is_removed_at_once_and_a_failed_writer_leaves_no_parents(tmp_path):
+    stale = tmp_path / "stale"
+    (stale / "sub").mkdir(parents=True)
+    atomic_io.remove_folder(stale)
+    atomic_io.remove_folder(stale)  # gone already: no error
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(Boom):
+        with atomic_io.atomic_folder(tmp_path / "work" / "cache" / "ds") as tmp:
+            (tmp / "part").write_text("1")
+            raise Boom
+    assert list(tmp_path.iterdir()) == []  # work/ and work/cache/ were created by it: removed
 
 
 def test_move_into_place_tolerates_a_lost_race_only(tmp_path):
