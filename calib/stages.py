@@ -50,7 +50,7 @@ from calib.guard import GuardReport, check_degenerate, constant_from_ranges, out
 from calib.preview import keep_first_preview
 from calib.stage_files import CHECKPOINT_NAME, LOGITS_DIRNAME, METHOD_NAME, WEIGHTS_NAME
 from calib.logits import export_logits
-from calib.losses import LOSSES
+from calib.losses import build_loss, loss_params as resolve_loss_params
 from calib.methods import SubjectSet, build_method
 from calib.methods.network_based import load_weights, save_weights, unet_probability
 from calib.methods.params import MethodError, closest
@@ -242,10 +242,11 @@ def _evaluate_val(predict: Callable, split: FoldSplit, logits_dir: Path | None,
 
 
 def _train_unet(model: UNet3D, loss: str, train_cfg: TrainConfig, split: FoldSplit,
-                work_dir: Path, device: torch.device, callbacks: Sequence[Callback]) -> FitResult:
-    """Train every weight of ``model`` with ``loss`` on whole-volume batches of ``train``, early
-    stopping on ``val``; the protocol decides which epoch is kept."""
-    loss_fn = LOSSES[loss]
+                work_dir: Path, device: torch.device, callbacks: Sequence[Callback],
+                loss_params: Mapping[str, Any] | None = None) -> FitResult:
+    """Train every weight of ``model`` with ``loss`` (and its ``loss_params``) on whole-volume
+    batches of ``train``, early stopping on ``val``; the protocol decides which epoch is kept."""
+    loss_fn = build_loss(loss, loss_params)
     train_cfg = replace(train_cfg, restore_best=split.restore_best)
 
     def step_loss(module: UNet3D, batch: dict) -> torch.Tensor:
@@ -288,17 +289,22 @@ def run_pretrain(net_cfg: UNetConfig, train_cfg: TrainConfig, split: FoldSplit, 
                               {"loss": "ce", "protocol": split.protocol, "init": "scratch"})
 
 
-#: Loss of the base stage by weights, and whether it continues from the pre-trained weights.
-BASE_RECIPES = {"CE": ("ce", True), "CE-SD": ("sd", True), "SD": ("sd", False)}
+#: Loss of the base stage by weights (a name of calib.losses.LOSSES), and whether it continues
+#: from the pre-trained weights; the train-time calibration losses are trained like CE-SD.
+BASE_RECIPES = {"CE": ("ce", True), "CE-SD": ("sd", True), "SD": ("sd", False),
+                "focal": ("focal", True), "svls": ("svls", True), "ace": ("ace", True)}
 
 
 def run_base(weights: str, net_cfg: UNetConfig, train_cfg: TrainConfig, split: FoldSplit,
              work_dir: Path, device: torch.device, init_weights: Path | None,
-             callbacks: Sequence[Callback] = ()) -> StageResult:
+             callbacks: Sequence[Callback] = (),
+             loss_params: Mapping[str, Any] | None = None) -> StageResult:
     """Train a base model and export every split subject's logits.
 
     ``CE``: continue CE from the pre-trained ``init_weights``; ``CE-SD``: continue with soft Dice
-    from them; ``SD``: soft Dice from scratch (``init_weights`` must be None). Evaluates on the test
+    from them; ``SD``: soft Dice from scratch (``init_weights`` must be None); ``focal``, ``svls``,
+    ``ace``: continue with that train-time calibration loss from them, ``loss_params`` overriding
+    its defaults (calib.losses.LOSS_PARAMS). Evaluates on the test
     fold, writes the logits of every subject of the fold (train, val, calib, test; float16) into
     ``work_dir/logits`` -> ``extra_artifacts["logits"]`` and guards the model on its validation
     subjects (``StageResult.guard``).
@@ -307,6 +313,10 @@ def run_base(weights: str, net_cfg: UNetConfig, train_cfg: TrainConfig, split: F
         raise StageError(f"unknown base weights {weights!r}{closest(weights, BASE_WEIGHTS)}; "
                          f"valid choices: {', '.join(BASE_WEIGHTS)}")
     loss, from_pretrain = BASE_RECIPES[weights]
+    try:
+        resolved_loss = resolve_loss_params(loss, loss_params)
+    except ValueError as exc:
+        raise StageError(f"base {weights}: {exc}") from None
     if from_pretrain and init_weights is None:
         raise StageError(f"base weights {weights!r} continue from the pre-trained model: "
                          "init_weights is required")
@@ -322,10 +332,11 @@ def run_base(weights: str, net_cfg: UNetConfig, train_cfg: TrainConfig, split: F
             load_weights(model, Path(init_weights))
         except MethodError as exc:
             raise StageError(f"base {weights}: {exc}") from exc
-    result = _train_unet(model, loss, train_cfg, split, work_dir, device, callbacks)
+    result = _train_unet(model, loss, train_cfg, split, work_dir, device, callbacks, resolved_loss)
     stage = _finish_unet_stage(model, result, split, work_dir, device,
                                {"loss": loss, "protocol": split.protocol,
-                                "init": "pretrain" if from_pretrain else "scratch"})
+                                "init": "pretrain" if from_pretrain else "scratch",
+                                **{f"loss.{k}": v for k, v in resolved_loss.items()}})
     logits = export_logits(model, split.cache_dir, split.all_ids(), work_dir / LOGITS_DIRNAME,
                            torch.device(device), source={"weights_sha256": _sha256(stage.weights)})
     model.cpu()

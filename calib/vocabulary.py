@@ -22,11 +22,17 @@ DATASET_KINDS = (IMAGES_KIND, PREDICTIONS_KIND)
 
 # ---- base weights ----------------------------------------------------------------------------------
 
-#: Base weights of the study: cross-entropy (CE), CE then soft Dice (CE-SD), soft Dice from
-#: scratch (SD). CE and CE-SD continue from the CE pretraining; SD trains from scratch.
-BASE_WEIGHTS = ("CE", "CE-SD", "SD")
+#: The paper's base weights: cross-entropy (CE), CE then soft Dice (CE-SD), soft Dice from
+#: scratch (SD). CE and CE-SD continue from the CE pretraining; SD trains from scratch. A grid's
+#: default ``weights``.
+PAPER_WEIGHTS = ("CE", "CE-SD", "SD")
+#: Base weights trained for calibration (beyond the paper; calib.losses), each like CE-SD: the CE
+#: pretraining, then the loss -- focal loss, spatially varying label smoothing, CE + mL1-ACE.
+TRAIN_TIME_WEIGHTS = ("focal", "svls", "ace")
+#: Every base weights value, in report order.
+BASE_WEIGHTS = PAPER_WEIGHTS + TRAIN_TIME_WEIGHTS
 #: The base weights that continue from the CE pretraining (a grid with one of them pretrains).
-PRETRAINED_WEIGHTS = ("CE", "CE-SD")
+PRETRAINED_WEIGHTS = ("CE", "CE-SD") + TRAIN_TIME_WEIGHTS
 #: The weights label of another network's imported predictions (``kind: predictions``); only the
 #: logit-based methods, whose recipe does not depend on the weights, are fitted on them.
 EXTERNAL_WEIGHTS = "external"

@@ -87,9 +87,10 @@ def test_soft_dice_batch_versus_per_image():
 
 
 def test_registry_and_shape_errors():
-    assert LOSSES == {"ce": bce_loss, "sd": soft_dice_loss}
+    assert {k: LOSSES[k] for k in ("ce", "sd")} == {"ce": bce_loss, "sd": soft_dice_loss}
+    assert set(LOSSES) == {"ce", "sd", "focal", "svls", "ace"}
     assert get_loss("sd") is soft_dice_loss
-    with pytest.raises(ValueError, match=r"\['ce', 'sd'\]"):
+    with pytest.raises(ValueError, match=r"\['ace', 'ce', 'focal', 'sd', 'svls'\]"):
         get_loss("dice")
     with pytest.raises(ValueError, match="labels shape"):
         bce_loss(torch.zeros(1, 1, 2, 2, 2), torch.zeros(1, 1, 3, 2, 2))
