@@ -22,7 +22,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from calib.methods.recipes import RECIPES
 from calib.schedule import TrainConfig
-from calib.vocabulary import (BASE_WEIGHTS, CALIBRATION_SCHEDULE_KEYS, DATASET_KINDS, DATASETS,
+from calib.vocabulary import (BASE_WEIGHTS, PAPER_WEIGHTS, CALIBRATION_SCHEDULE_KEYS, DATASET_KINDS, DATASETS,
                               METHODS, NORMALISATIONS, PREDICTIONS_KIND, PROTOCOLS, STAGES,
                               TRAIN_SCHEDULE_KEYS)
 
@@ -444,7 +444,7 @@ class GridFile(Section):
     preprocessing: PreprocessingSection = PreprocessingSection()
     folds: FoldsSection = FoldsSection()
     network: NetworkSection = NetworkSection()
-    weights: Annotated[tuple[str, ...], BeforeValidator(lambda v: names(v, BASE_WEIGHTS, "weights"))] = BASE_WEIGHTS
+    weights: Annotated[tuple[str, ...], BeforeValidator(lambda v: names(v, BASE_WEIGHTS, "weights"))] = PAPER_WEIGHTS
     training: TrainingSection = TrainingSection()
     methods: Annotated[dict[str, MethodSection], BeforeValidator(_methods)] = Field(None, validate_default=True)
     search: SearchSection = SearchSection()

@@ -25,8 +25,11 @@ CALIBRATION_SCHEDULE = MappingProxyType({
 })
 #: Voxels a closed-form map is fitted on at most (a seeded subsample beyond that).
 MAX_VOXELS = 2_000_000
-#: Fine-tuning's LR by base weights (the public code: 1e-4 after CE, 1e-3 after soft Dice).
-FINETUNE_LR = MappingProxyType({"CE": 1e-4, "CE-SD": 1e-3, "SD": 1e-3})
+#: Fine-tuning's LR by base weights (the public code: 1e-4 after CE, 1e-3 after soft Dice). The
+#: train-time calibration losses (focal, SVLS, CE + ACE) are cross-entropy variants whose logits stay
+#: at CE's scale, so they take CE's rate; the paper gives no value for them.
+FINETUNE_LR = MappingProxyType({"CE": 1e-4, "CE-SD": 1e-3, "SD": 1e-3,
+                                "focal": 1e-4, "svls": 1e-4, "ace": 1e-4})
 #: The auxiliary conv's batch size by its dims: 64 z-slices (2-D), or 2 volumes (3-D).
 AUXILIARY_BATCH = MappingProxyType({2: 64, 3: 2})
 

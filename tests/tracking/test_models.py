@@ -174,16 +174,19 @@ def test_registry_keeps_the_best_calibrated_method_per_fold(external, mlflow_sto
         client.set_terminated(run_id)
         runs.append(TrialRecord(run_id, None, "FINISHED", 0, "calibrate", "ext", "CE", "temperature", fold, "",
                               f"k{fold}", metrics={"best_val_loss": val_loss}))
+    # The registry follows the headline's choice, made on the val subjects (issue 21): platt has
+    # the lower test ECE here, but temperature had the lower val ECE and was chosen.
     results = pd.DataFrame([
-        # platt has the lowest ECE but its Dice is not bold: temperature must win
-        {"dataset": "ext", "weights": "CE", "method": "base", "lr_selected": "", "n_subjects": 2,
-         "dice_mean": 0.8, "ece_pct_mean": 9.0, "dice_bold": True},
-        {"dataset": "ext", "weights": "CE", "method": "platt", "lr_selected": "", "n_subjects": 2,
-         "dice_mean": 0.5, "ece_pct_mean": 1.0, "dice_bold": False},
-        {"dataset": "ext", "weights": "CE", "method": "temperature", "lr_selected": "", "n_subjects": 2,
-         "dice_mean": 0.79, "ece_pct_mean": 2.0, "dice_bold": True},
+        {"dataset": "ext", "weights": "CE", "headline_by": "val_ece", "selected_on": "val",
+         "chosen_method": "temperature", "chosen_lr": "", "chosen_criterion": 0.02, "n_candidates": 2,
+         "n_subjects": 2, "base_ece_pct": 9.0, "chosen_ece_pct": 2.0, "base_dice": 0.8,
+         "chosen_dice": 0.79, "verdict": "lower ECE"},
+        {"dataset": "ext", "weights": "SD", "headline_by": "val_ece", "selected_on": "val",
+         "chosen_method": "", "chosen_lr": "", "n_subjects": 2, "verdict": ""},
     ])
-    assert best_calibrated(results)[("ext", "CE")]["method"] == "temperature"
+    best = best_calibrated(results)
+    assert set(best) == {("ext", "CE")}  # a row with nothing chosen registers nothing
+    assert best[("ext", "CE")]["method"] == "temperature" and best[("ext", "CE")]["selected_on"] == "val"
     sel = Selection("ext", "CE", "temperature", "", "single", tuple(runs), (), "val_loss")
     (reg,) = register_best(client, mlflow_store, "calib-x", results, [sel])
     name = registered_name("calib-x", "ext", "CE")
