@@ -197,8 +197,9 @@ class CalibrationMethod(abc.ABC):
         prob = np.asarray(self._predict_prob(subject, torch.device(device)), dtype=np.float32)
         return np.where(subject.mask, prob, np.float32(0.0)).astype(np.float32, copy=False)
 
-    def describe(self) -> dict[str, float]:
-        """Learned scalars worth logging (e.g. Platt's weight and bias); empty by default."""
+    def describe(self) -> dict[str, float | str]:
+        """Learned scalars worth logging (e.g. Platt's weight and bias, and what fitted them);
+        empty by default."""
         return {}
 
     # ---- state ------------------------------------------------------------------------------

@@ -58,6 +58,21 @@ def calibration_voxels(subjects: SubjectSet, max_voxels: int, seed: int) -> tupl
     return np.concatenate(logits), np.concatenate(labels).astype(np.uint8)
 
 
+def masked_bce(val: SubjectSet, map_logits: Callable[[np.ndarray], np.ndarray]) -> float:
+    """Mean BCE (:func:`calib.metrics.nll`, probabilities clipped to [1e-7, 1 - 1e-7]) of
+    ``map_logits`` -- flat float64 base logits to calibrated probabilities -- over every voxel
+    inside the masks of ``val``; NaN when the masks are empty."""
+    total, count = 0.0, 0
+    for ref in val:
+        mask = ref.mask
+        n = int(mask.sum())
+        if n:
+            q = map_logits(ref.logits[mask].astype(np.float64))
+            total += metrics.nll(q, ref.label[mask]) * n
+            count += n
+    return total / count if count else float("nan")
+
+
 class ClosedFormMap(CalibrationMethod, abc.ABC):
     """A map of the base probability fitted without epochs (module doc).
 
@@ -103,15 +118,7 @@ class ClosedFormMap(CalibrationMethod, abc.ABC):
 
     def validation_loss(self, val: SubjectSet) -> float:
         """Mean BCE of the fitted map over every voxel inside the masks of ``val``."""
-        total, count = 0.0, 0
-        for ref in val:
-            mask = ref.mask
-            n = int(mask.sum())
-            if n:
-                q = self.map_logits(ref.logits[mask].astype(np.float64))
-                total += metrics.nll(q, ref.label[mask]) * n
-                count += n
-        return total / count if count else float("nan")
+        return masked_bce(val, self.map_logits)
 
     def _predict_prob(self, subject: SubjectRef, device: torch.device) -> np.ndarray:
         return self.map_logits(subject.logits.astype(np.float64)).astype(np.float32)

@@ -1,25 +1,53 @@
 """Shared machinery of the methods that learn a small map on the base logits (cached only).
 
-Platt scaling, the auxiliary conv and temperature scaling never run the U-Net: they train on the
-base stage's logit cache (:mod:`calib.logits`) in batches of 64 z-slices (or whole volumes for 3-D
-kernels) and predict from the cached logits of the test subjects.
+Platt scaling, the auxiliary conv, temperature scaling and local temperature scaling never run
+the U-Net: they train on the base stage's logit cache (:mod:`calib.logits`) and predict from the
+cached logits of the test subjects.
+
+Two ways to fit (the method parameter ``optimizer``, for the methods whose recipe has it):
+
+* ``"adam"`` -- the paper's recipe, :func:`calib.training.fit`: mini-batch Adam (lr 5e-3) on
+  batches of 64 z-slices (or whole volumes for 3-D kernels), LR x0.1 on a plateau of the
+  validation loss, early stopping. The auxiliary conv and LTS always train this way.
+* ``"lbfgs"`` -- full batch, the default of Platt and temperature scaling, whose losses are
+  (near-)convex in two or one parameter and which Adam at 5e-3 leaves short of the optimum (on
+  logits exactly ``3 logit(p*)`` it ended at ``T = 1.27``): the mean BCE over the masked
+  calibration voxels, subsampled to ``max_voxels`` exactly as the closed-form maps are
+  (:func:`calib.methods.closed_form.calibration_voxels`), minimised in float64 on the CPU by
+  ``torch.optim.LBFGS`` with a strong-Wolfe line search. Tolerance: it stops when the largest
+  component of the loss's gradient is at most :data:`GRAD_TOL` (1e-9 nats per voxel per unit of
+  parameter), which it reports as ``stop_reason = "converged"``; ``"max_iter"`` when
+  :data:`MAX_ITER` iterations ran out first. No epochs: ``epochs_run = best_epoch = 0``, no
+  history, no checkpoint (a rerun refits the same map); ``best_val_loss`` is the mean BCE of the
+  fitted map over the validation voxels (:func:`calib.methods.closed_form.masked_bce`, as the
+  closed-form maps). The learned parameters go back to float32, so the saved state is the same
+  tensors as Adam's.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.special import expit
+import torch.nn.functional as F
 from torch import nn
 
 from calib.data.batches import SliceBatches, VolumeLogitBatches
 from calib.losses import bce_loss
 from calib.methods.base import CalibrationMethod, SubjectRef, SubjectSet, no_autocast
+from calib.methods.closed_form import calibration_voxels, masked_bce
+from calib.methods.params import MethodError
 from calib.training import EpochResult, FitResult, fit
+
+#: The full-batch fit has converged when no component of the mean BCE's gradient exceeds this.
+GRAD_TOL = 1e-9
+#: L-BFGS iterations at most (each one or a few full passes over the voxels).
+MAX_ITER = 500
 
 class LogitCalibrator(CalibrationMethod, abc.ABC):
     """A method defined by a small module mapping base logits to calibrated logits.
@@ -48,6 +76,8 @@ class LogitCalibrator(CalibrationMethod, abc.ABC):
     def fit(self, train: SubjectSet, val: SubjectSet, device: torch.device,
             callbacks: Sequence[Callable[[EpochResult], None]] = (),
             checkpoint_path: Path | None = None) -> FitResult:
+        if self.params.get("optimizer") == "lbfgs":
+            return self._fit_full_batch(train, val)
         cfg = self.train_config()
         loader = SliceBatches if self.slice_wise else VolumeLogitBatches
         train_batches = loader(train.require("logits", self.name), train.subject_ids,
@@ -60,6 +90,47 @@ class LogitCalibrator(CalibrationMethod, abc.ABC):
                        checkpoint_path=checkpoint_path, callbacks=callbacks)
         finally:
             self.module.to("cpu")
+
+    def _fit_full_batch(self, train: SubjectSet, val: SubjectSet) -> FitResult:
+        """Minimise the mean BCE over ``train``'s (subsampled) masked voxels with L-BFGS (module
+        doc). The module must be elementwise in the logit (Platt, temperature)."""
+        train.require("logits", self.name)
+        val.require("logits", self.name)
+        z, y = calibration_voxels(train, self.params["max_voxels"], self.params["seed"])
+        if y.min() == y.max():
+            # the likelihood has no finite optimum (b or 1/T runs off to infinity)
+            raise MethodError(f"method {self.name!r}: the calibration voxels hold only label "
+                              f"{int(y[0])}; a full-batch fit needs both classes")
+        module = self.module.to("cpu", torch.float64).train()
+        zt, yt = torch.from_numpy(z), torch.from_numpy(y.astype(np.float64))
+        params = list(module.parameters())
+        optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=MAX_ITER, max_eval=2 * MAX_ITER,
+                                      tolerance_grad=GRAD_TOL, tolerance_change=0.0,
+                                      history_size=20, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(module(zt), yt)
+            loss.backward()
+            return loss
+
+        try:
+            optimizer.step(closure)
+            closure()  # the gradient at the final parameters, to report convergence honestly
+            grad = max(float(p.grad.abs().max()) for p in params)
+        finally:
+            module.to(torch.float32).zero_grad(set_to_none=True)
+        if not math.isfinite(grad):
+            raise MethodError(f"method {self.name!r}: the full-batch fit diverged (gradient {grad})")
+        self.fit_gradient = grad
+        return FitResult(best_val_loss=masked_bce(val, self._map_flat), best_epoch=0, epochs_run=0,
+                         history=[], stop_reason="converged" if grad <= GRAD_TOL else "max_iter")
+
+    @torch.no_grad()
+    def _map_flat(self, z: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (float64) of flat base logits, for elementwise modules."""
+        out = self.module(torch.from_numpy(np.asarray(z, dtype=np.float32)))
+        return expit(out.double().numpy())
 
     @torch.no_grad()
     def calibrated_logits(self, logits: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:

@@ -3,8 +3,21 @@ probability calibration", ICCV 2021).
 
 What it fits: a small convolutional net that maps the base logits of a z-slice to a positive
 temperature per voxel, ``T(x) > 0``; the calibrated probability is ``sigmoid(z(x) / T(x))``.
-Trained with CE on the cached logits in batches of 64 z-slices with the calibration schedule,
-exactly as Platt scaling (:mod:`calib.methods.logit_based`, :func:`calib.training.fit`).
+Trained with CE on the cached logits in batches of 64 z-slices with mini-batch Adam (lr 5e-3, LR
+x0.1 on a plateau, :mod:`calib.methods.logit_based`, :func:`calib.training.fit`).
+
+Stop rule: a plateau of the validation loss. The shared calibration schedule stops 6 epochs after
+the best epoch, i.e. 2 epochs after the first LR cut (x0.1 after 4 epochs without a relative
+improvement of 1e-4); on an Adam overshoot at 5e-3 that is before the loss has settled (a
+phantom: best at epoch 8, stopped at 14 while the loss still fell at the cut LR), and a grid's
+``max_epochs`` (3 in the demo) cut it shorter still. LTS instead stops when its best validation
+loss has not improved by ``min_rel_improvement`` through :data:`~calib.methods.recipes.LTS_PLATEAU_CUTS`
+(2) LR cuts, that is ``early_stop_patience = 3 (lr_patience + 1)`` epochs (12 with the paper's
+``lr_patience = 3``: no improvement at three successive LRs, 5e-3, 5e-4, 5e-5), and keeps its best
+epoch. ``max_epochs`` is a guard, :data:`~calib.methods.recipes.LTS_MAX_EPOCHS` (200), that the
+calibrate stage's schedule does not replace (a grid may set ``methods.lts.params.max_epochs``);
+``stop_reason = "max_epochs"`` says the guard, not the plateau, ended the fit. Explicit
+``early_stop_patience`` / ``max_epochs`` parameters override both.
 
 Can it change the 0.5-threshold segmentation? No, by construction: ``T > 0`` keeps the sign of
 the logit, so ``p > 0.5`` exactly where the base model's ``sigmoid(z) > 0.5``, and the Dice equals
@@ -72,7 +85,8 @@ class LocalTemperature(nn.Module):
 
 class LocalTemperatureScaling(LogitCalibrator):
     """``p = sigmoid(z / T(z))`` with a learned per-voxel ``T > 0``; parameters: ``hidden``
-    (channels of the temperature net, 8) and the calibration schedule (lr 5e-3, 64 slices, ...)."""
+    (channels of the temperature net, 8) and the calibration schedule (lr 5e-3, 64 slices, ...)
+    with the plateau stop rule of the module doc."""
 
     name = "lts"
 

@@ -17,6 +17,11 @@ AUX_KERNELS = (1, 5, 7, 9, 11)
 #: Flip sets of test-time augmentation: the identity and one flip per spatial axis (4 passes), or
 #: every subset of the three axes (8 passes).
 FLIP_SETS = ("single", "all")
+#: How Platt and temperature scaling are fitted: full-batch L-BFGS to the likelihood optimum
+#: (the default), or the paper's mini-batch Adam schedule (calib.methods.logit_based).
+OPTIMIZERS = ("lbfgs", "adam")
+#: Histogram binning's bins: equal width in p (Zadrozny & Elkan 2001), or equal mass (quantiles).
+BINNINGS = ("equal_width", "equal_mass")
 
 
 class MethodError(ValueError):
@@ -62,6 +67,10 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n_bins": (_int_at_least(2), "an integer >= 2"),
     "max_voxels": (_int_at_least(1000), "an integer >= 1000"),
     "flips": (_one_of(FLIP_SETS), f"one of {FLIP_SETS}"),
+    "optimizer": (_one_of(OPTIMIZERS), f"one of {OPTIMIZERS}"),
+    "binning": (_one_of(BINNINGS), f"one of {BINNINGS}"),
+    "min_bin_count": (_int_at_least(1), "an integer >= 1"),
+    "monotone": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 def unknown_method(name: Any) -> MethodError:

@@ -1,7 +1,11 @@
 """Platt scaling (Platt 1999): a 1x1 convolution on the base logit, 2 weights, trained with CE.
 
-``p = sigmoid(a * z + b)`` per voxel, fitted on cached logits in batches of 64 z-slices (the
-paper's recipe, calib.methods.recipes). Starts at the identity ``a = 1, b = 0``.
+``p = sigmoid(a * z + b)`` per voxel: logistic regression of the label on the cached base logit.
+Fitted by maximum likelihood on the masked calibration voxels, full batch with L-BFGS by default
+(``optimizer: lbfgs``: the likelihood optimum, to a gradient of 1e-9; :mod:`calib.methods.logit_based`)
+or, as the paper, with mini-batch Adam on batches of 64 z-slices (``optimizer: adam``, lr 5e-3 and
+the calibration schedule of calib.methods.recipes; the paper grid keeps this). Starts at the
+identity ``a = 1, b = 0``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ class PointwiseConv(nn.Module):
 
 
 class PlattScaling(LogitCalibrator):
-    """``p = sigmoid(a z + b)``; parameters: the calibration schedule (lr 5e-3, 64 slices, ...)."""
+    """``p = sigmoid(a z + b)``; parameters: ``optimizer`` (``"lbfgs"``, or ``"adam"`` with the
+    calibration schedule: lr 5e-3, 64 slices, ...), ``max_voxels`` and ``seed`` (the full-batch
+    subsample)."""
 
     name = "platt"
 
@@ -41,6 +47,7 @@ class PlattScaling(LogitCalibrator):
         """The learned ``(a, b)``."""
         return float(self.module.weight.detach().reshape(())), float(self.module.bias.detach().reshape(()))
 
-    def describe(self) -> dict[str, float]:
+    def describe(self) -> dict[str, float | str]:
+        """The fitted ``(a, b)`` and the optimizer that fitted them."""
         a, b = self.weight_bias
-        return {"platt_a": a, "platt_b": b}
+        return {"platt_a": a, "platt_b": b, "optimizer": self.params["optimizer"]}

@@ -1,8 +1,12 @@
 """Temperature scaling (Guo et al., "On calibration of modern neural networks", ICML 2017).
 
 One scalar ``T > 0``: ``p = sigmoid(z / T)``. The standard post hoc baseline that the paper does not
-include. ``T`` is parametrised as ``exp(log_t)`` so that it stays positive under Adam; it is fitted
-with CE on cached logits with the same schedule as Platt scaling. Starts at ``T = 1``.
+include. ``T`` is parametrised as ``exp(log_t)`` so that it stays positive under either optimizer;
+it is fitted by maximum likelihood (CE) on the cached logits of the masked calibration voxels,
+full batch with L-BFGS by default (``optimizer: lbfgs``, to a gradient of 1e-9;
+:mod:`calib.methods.logit_based`) or with Platt scaling's mini-batch Adam schedule
+(``optimizer: adam``). Starts at ``T = 1``. On logits exactly ``3 logit(p*)`` with labels drawn
+from ``p*``, L-BFGS recovers ``T = 3`` within sampling error; Adam at 5e-3 stopped at 1.27.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ class Temperature(nn.Module):
 
 
 class TemperatureScaling(LogitCalibrator):
-    """``p = sigmoid(z / T)``; parameters: the calibration schedule."""
+    """``p = sigmoid(z / T)``; parameters: ``optimizer`` (``"lbfgs"``, or ``"adam"`` with the
+    calibration schedule: lr, batch_size, epochs, patience), ``max_voxels`` and ``seed`` (the
+    full-batch subsample)."""
 
     name = "temperature"
 
@@ -36,5 +42,6 @@ class TemperatureScaling(LogitCalibrator):
     def temperature(self) -> float:
         return float(torch.exp(self.module.log_t.detach()))
 
-    def describe(self) -> dict[str, float]:
-        return {"temperature": self.temperature}
+    def describe(self) -> dict[str, float | str]:
+        """The fitted ``T`` and the optimizer that fitted it."""
+        return {"temperature": self.temperature, "optimizer": self.params["optimizer"]}

@@ -170,7 +170,8 @@ def test_closed_form_maps_are_monotone_and_approach_the_truth(phantom_logits, na
 
 
 def test_histogram_binning_hand_worked():
-    method = build_method("histogram_binning", {"n_bins": 2})
+    # equal-mass bins, and no minimum count: four voxels would otherwise be a single bin
+    method = build_method("histogram_binning", {"n_bins": 2, "binning": "equal_mass", "min_bin_count": 1})
     p = np.array([0.1, 0.2, 0.3, 0.4])
     method._set_state(method.fit_probabilities(p, np.array([0, 0, 1, 1])))
     # equal-mass edges 0.1, 0.25, 0.4: bins [.., 0.25) -> 0/2, [0.25, ..) -> 2/2, left-closed
@@ -181,7 +182,7 @@ def test_histogram_binning_hand_worked():
 def test_histogram_binning_bins_hold_equal_mass(phantom_logits):
     logits_dir, ids, _ = phantom_logits(4, scale=3.0)
     train = SubjectSet(ids, logits_dir=logits_dir)
-    method = build_method("histogram_binning", {"n_bins": 10})
+    method = build_method("histogram_binning", {"n_bins": 10, "binning": "equal_mass"})
     method.fit(train, train, CPU)
     p = expit(calibration_voxels(train, 10**9, 0)[0])
     edges = method.state_dict()["inner_edges"].numpy()
