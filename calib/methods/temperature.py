@@ -6,7 +6,8 @@ it is fitted by maximum likelihood (CE) on the cached logits of the masked calib
 full batch with L-BFGS by default (``optimizer: lbfgs``, to a gradient of 1e-9;
 :mod:`calib.methods.logit_based`) or with Platt scaling's mini-batch Adam schedule
 (``optimizer: adam``). Starts at ``T = 1``. On logits exactly ``3 logit(p*)`` with labels drawn
-from ``p*``, L-BFGS recovers ``T = 3`` within sampling error; Adam at 5e-3 stopped at 1.27.
+from ``p*`` (368,640 voxels), L-BFGS recovers ``T = 3.000``; Adam at 5e-3 on 64-slice batches,
+3 steps an epoch there, was still climbing at 1.82 when its 50 epochs ran out.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize
-from scipy.special import expit, logit
+from scipy.special import expit
 
 from calib.data.batches import SliceBatches
 from calib.logits import write_index, write_subject_logits
