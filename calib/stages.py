@@ -55,7 +55,7 @@ from calib.methods import SubjectSet, build_method
 from calib.methods.network_based import load_weights, save_weights, unet_probability
 from calib.methods.params import MethodError, closest
 from calib.nets import UNet3D, UNetConfig
-from calib.training import EpochResult, FitResult, TrainConfig, fit
+from calib.training import EpochResult, FitResult, TrainConfig, fit, start_stage
 from calib.vocabulary import BASE_WEIGHTS, PROTOCOLS
 
 SPLITS = ("train", "val", "calib", "test")
@@ -280,9 +280,9 @@ def _finish_unet_stage(model: UNet3D, result: FitResult, split: FoldSplit, work_
 def run_pretrain(net_cfg: UNetConfig, train_cfg: TrainConfig, split: FoldSplit, work_dir: Path,
                  device: torch.device, callbacks: Sequence[Callback] = ()) -> StageResult:
     """Train a U-Net from scratch with CE (the paper's pre-training), evaluate it on the test fold."""
+    start_stage(train_cfg.seed, device)  # initial weights; fit() reseeds for the batches
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(train_cfg.seed)  # initial weights; fit() reseeds for the batches
     model = UNet3D(net_cfg)
     result = _train_unet(model, "ce", train_cfg, split, work_dir, device, callbacks)
     return _finish_unet_stage(model, result, split, work_dir, device,
@@ -323,9 +323,9 @@ def run_base(weights: str, net_cfg: UNetConfig, train_cfg: TrainConfig, split: F
     if not from_pretrain and init_weights is not None:
         raise StageError("base weights 'SD' train from scratch: init_weights must be None, "
                          f"got {init_weights}")
+    start_stage(train_cfg.seed, device)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(train_cfg.seed)
     model = UNet3D(net_cfg)
     if init_weights is not None:
         try:
@@ -356,6 +356,7 @@ def run_imported(split: FoldSplit, logits_dir: Path, work_dir: Path) -> StageRes
     from calib.losses import bce_loss
     from calib.methods.base import SubjectSet
 
+    start_stage(0)  # nothing random here; the same process state as every stage
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     logits_dir = Path(logits_dir)
@@ -406,6 +407,7 @@ def run_calibrate(method: str, params: Mapping[str, Any] | None, weights: str,
     whose calibrated test maps are constant over the mask is flagged in
     ``StageResult.constant_output`` (:func:`calib.guard.constant_output`).
     """
+    start_stage(train_cfg.seed, device)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)

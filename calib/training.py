@@ -17,11 +17,27 @@ At the end the best weights (lowest validation loss) are loaded into the module.
 
 Reproducibility contract: ``train_batches(epoch)`` must depend only on ``epoch`` and the global
 RNGs (which ``fit`` seeds with ``cfg.seed`` on a fresh start and restores on resume).
+
+Every stage (``calib.stages``) begins with :func:`start_stage`, so that a stage's numbers do not
+depend on what ran before it in the same process (a reused Ray worker) or on a fresh one: the
+torch (CPU and CUDA), numpy and python RNGs are seeded from the stage's config and torch is held
+to deterministic algorithms (``torch.use_deterministic_algorithms``). On CPU that is strict
+(``warn_only=False``: an op without a deterministic kernel raises). On CUDA it is
+``warn_only=True``: convolutions, ``scatter_add_``, ``index_add`` and ``MaxPool3d``'s backward take
+their deterministic kernels, cuBLAS its deterministic workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
+set below at import, before any cuBLAS handle exists, unless the environment sets it), cuDNN
+benchmarking is off; but torch has no deterministic CUDA kernel for the backward of trilinear
+``F.interpolate`` (the U-Net's decoder) or of ``AvgPool3d`` (``pooling: avg``), nor for
+``torch.bincount`` with weights or float ``torch.cumsum`` (GPU metric paths): those warn and stay
+nondeterministic (atomic adds), where strict mode would stop training. Not checked on a GPU yet.
+The thread count (``torch.set_num_threads``, set per trial by the sweep) is left as it is: the same
+count gives the same CPU reductions.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +52,8 @@ from calib.atomic_io import atomic_open
 from calib.schedule import TrainConfig
 
 CHECKPOINT_VERSION = 1
+# cuBLAS reads it when a handle is created (the first CUDA matmul of the process): set it before.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 class TrainingError(RuntimeError):
@@ -107,11 +125,22 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _seed_all(seed: int, device: torch.device) -> None:
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
     np.random.seed(seed)
     random.seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
+
+
+def start_stage(seed: int, device: torch.device | str | None = None) -> None:
+    """The process state every stage starts from (module doc): RNGs seeded with ``seed``,
+    deterministic algorithms (strict on CPU, warn-only when ``device`` is CUDA), no cuDNN
+    benchmarking. Call it first in a stage, before any weight is initialised."""
+    device = torch.device(device if device is not None else "cpu")
+    cuda = device.type == "cuda"
+    torch.use_deterministic_algorithms(True, warn_only=cuda)
+    torch.backends.cudnn.benchmark = False
+    _seed_all(int(seed), device)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .errors import DataError
 from .layouts import SUPPORTED_DATASETS as DATASETS
+from .synth import LABEL_NOISES
 from ..vocabulary import NORMALISATIONS
 
 EPILOG_PREPROCESS = """\
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid along x y z; for isles18 Z is the maximum slice count")
     p.add_argument("--orientation", metavar="AXCODES",
                    help="stored orientation, e.g. RAS or PIR (default LPS, as the real files)")
+    p.add_argument("--label-noise", choices=LABEL_NOISES, default=LABEL_NOISES[0],
+                   help="brats18/isles18: label = 1[U < p*] with U independent per voxel (iid, "
+                        "default: speckled labels) or a smooth field, uniform at every voxel "
+                        "(correlated: coherent boundaries, as annotators draw)")
 
     c = sub.add_parser("check", help="verify a dataset root and list every problem",
                        description="Check a BraTS 2018 / ISLES 2018 root: missing or extra files, "
@@ -211,7 +216,8 @@ def _run(args: argparse.Namespace) -> int:
 
         try:
             ids = write_phantoms(args.dataset, args.out, args.subjects, args.seed,
-                                 tuple(args.shape) if args.shape else None, axcodes=args.orientation)
+                                 tuple(args.shape) if args.shape else None, axcodes=args.orientation,
+                                 label_noise=args.label_noise)
         except DataError as exc:
             sub.error(str(exc))
         print(f"{len(ids)} {args.dataset} phantom subjects in {args.out}")

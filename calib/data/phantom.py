@@ -3,7 +3,14 @@
 The loaders under test are the real ones: a phantom root is read exactly like a real one. Beside
 each label lies the per-voxel probability the label was drawn from (a file the real datasets do not
 have; see ``layouts``), so that later stages can measure true calibration error. Every label voxel
-is an independent Bernoulli(p*) draw; the soft edge of p* is the aleatoric uncertainty.
+is ``1[U < p*]`` with ``U`` uniform on [0, 1] at that voxel, so P(label = 1) = p* exactly; the
+soft edge of p* is the aleatoric uncertainty. ``label_noise`` says how ``U`` varies in space:
+``iid`` (default), independent per voxel (one Bernoulli(p*) draw each: speckled labels, holes and
+islands); ``correlated``, ``synth.correlated_uniform`` with correlation length
+``synth.LABEL_CORRELATION_MM``, so that a whole stretch of boundary lies a little further in or out,
+as annotators disagree. The subject stream draws the iid ``U`` in both modes (so every image of a
+seed is the same in both, and iid phantoms are those of version 2); the correlated field comes
+from its own stream, seeded by (seed, dataset, index, 1).
 
 Anatomy (``anatomy``): the MNI152 2009 brain (GM, WM and the brain mask; CSF is the rest of the
 brain) warped differently for every subject by a small affine and a smooth displacement field, at
@@ -73,10 +80,14 @@ from .layouts import (
     isles_path,
 )
 from .synth import (
+    LABEL_CORRELATION_MM,
+    LABEL_NOISES,
     LatticeField,
+    LabelNoise,
     Lesion,
     WaveField,
     combine,
+    draw_labels,
     grid_affine,
     sigmoid,
     uniform_rotation,
@@ -121,11 +132,6 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path, time_step: float | 
     nib.save(img, str(path))
 
 
-def _bernoulli(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
-    """One independent Bernoulli(p) draw per voxel: the label contract of the phantoms."""
-    return rng.random(p.shape, dtype=np.float32) < p
-
-
 def _outline(rng: np.random.Generator, radius: float) -> WaveField:
     """A lesion's irregular outline: lobes of about its own size (waves of 1-2.5 radii), so that
     the outline is lobulated but the distance to it still grows steadily from the centre."""
@@ -151,7 +157,8 @@ OEDEMA_WM_MM = 3.0  # oedema spreads along white matter: the boundary moves +-1.
 
 
 def synth_brats(
-    rng: np.random.Generator, subject_id: str, shape: tuple[int, int, int], axcodes: str, hemisphere: str | None
+    rng: np.random.Generator, subject_id: str, shape: tuple[int, int, int], axcodes: str, hemisphere: str | None,
+    noise: LabelNoise | None = None,
 ) -> PhantomSubject:
     """One BraTS-like subject at 1 mm on a grid of ``shape`` voxels along world x, y, z."""
     extent = np.array(shape, dtype=float)
@@ -177,7 +184,7 @@ def synth_brats(
     d = lesion.distance(anat.template_mm[(slice(None), *box)])
     mm_inside = (1.0 - d) * lesion.mean_radius * anat.scale + OEDEMA_WM_MM * (anat.wm[box] - 0.5)
     p_box = BRATS_P_MAX * sigmoid(mm_inside / BRATS_EDGE_MM) * anat.brain[box]
-    whole = _bernoulli(rng, p_box)
+    whole = draw_labels(rng, p_box, affine, noise)
     # Compartments by depth inside the tumour: necrotic core, enhancing ring (HGG only), oedema.
     core_w = sigmoid(((0.45 if group == "HGG" else 0.6) - d) / 0.04)
     ring_w = (sigmoid((0.7 - d) / 0.04) - core_w) if group == "HGG" else np.zeros_like(d)
@@ -248,7 +255,8 @@ def _head_ct(rng: np.random.Generator, anat, warp, affine, fov: np.ndarray, p_tr
 
 
 def synth_isles(
-    rng: np.random.Generator, subject_id: str, shape: tuple[int, int, int], axcodes: str, hemisphere: str | None
+    rng: np.random.Generator, subject_id: str, shape: tuple[int, int, int], axcodes: str, hemisphere: str | None,
+    noise: LabelNoise | None = None,
 ) -> PhantomSubject:
     """One ISLES-like subject: ``shape`` = in-plane size x, y and the maximum slice count."""
     nx, ny, max_slices = shape
@@ -294,7 +302,7 @@ def synth_isles(
     # Hypoperfusion (Tmax, MTT, CBF) reaches beyond the infarct core, as in acute stroke.
     p_wide = combine([sigmoid((1.5 - d) * les.mean_radius * anat.scale / 3.0)
                       for d, les in zip(dists, lesions)]) * brain
-    ot = _bernoulli(rng, p_true).astype(np.uint8)
+    ot = draw_labels(rng, p_true, affine, noise).astype(np.uint8)
     ct = _head_ct(rng, anat, warp, affine, fov, p_true)
 
     severity = rng.uniform(0.7, 1.2)  # how deep this stroke's perfusion deficit is
@@ -347,9 +355,12 @@ def _write_isles(subject: PhantomSubject, root: Path, index: int) -> None:
 
 def _read_recipe(out: Path) -> dict | None:
     try:
-        return json.loads((out / RECIPE_NAME).read_text())
+        recipe = json.loads((out / RECIPE_NAME).read_text())
     except (OSError, ValueError):
         return None
+    if isinstance(recipe, dict) and recipe.get("version") == 2:
+        recipe.setdefault("label_noise", "iid")  # written before the option: iid, as now
+    return recipe
 
 
 def _recipe_conflict(out: Path, recipe: dict) -> str:
@@ -377,6 +388,7 @@ def write_phantoms(
     *,
     axcodes: str | None = None,
     hemisphere: str | None = None,
+    label_noise: str = "iid",
 ) -> list[str]:
     """Write ``n_subjects`` phantom subjects of ``dataset`` under ``out`` in the real layout.
 
@@ -385,6 +397,7 @@ def write_phantoms(
     one at the same voxel size; the MNI152 template is read from the nilearn wheel once per process.
     ``axcodes`` (e.g. "RAS", "PIL") overrides the stored orientation; ``hemisphere`` ("left" or
     "right") puts every lesion in that hemisphere of the patient (tests of orientation handling).
+    ``label_noise``: ``iid`` or ``correlated`` (module doc); it is part of the recipe.
     The dataset appears at ``out`` in one rename, so a crash leaves no half-written dataset;
     ``out`` must be new or empty, or hold the phantoms of the very same call (then nothing is
     written). Returns the subject ids.
@@ -398,6 +411,8 @@ def write_phantoms(
         raise DataError(f"phantom shape {shape} for {dataset}: need three sizes of at least {minimum}")
     if hemisphere not in (None, "left", "right"):
         raise DataError(f"hemisphere must be 'left', 'right' or None, got {hemisphere!r}")
+    if label_noise not in LABEL_NOISES:
+        raise DataError(f"label_noise must be one of {', '.join(LABEL_NOISES)}, got {label_noise!r}")
     axcodes = (axcodes or DEFAULT_AXCODES[dataset]).upper()
     try:
         grid_affine(axcodes, np.ones(3), (2, 2, 2), np.zeros(3))
@@ -406,7 +421,9 @@ def write_phantoms(
     out = Path(out)
     ids = subject_ids(dataset, n_subjects)
     recipe = {"dataset": dataset, "n_subjects": n_subjects, "seed": seed, "shape": list(shape),
-              "axcodes": axcodes, "hemisphere": hemisphere, "version": PHANTOM_VERSION}
+              "axcodes": axcodes, "hemisphere": hemisphere, "version": PHANTOM_VERSION,
+              "label_noise": label_noise,
+              **({"label_correlation_mm": LABEL_CORRELATION_MM} if label_noise == "correlated" else {})}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if _read_recipe(out) == recipe:  # the same phantoms are already there: nothing to do
             log.info("phantom dataset already at %s; nothing to do", out)
@@ -419,10 +436,11 @@ def write_phantoms(
             code = SUPPORTED_DATASETS.index(dataset)
             for index, sid in enumerate(ids):
                 rng = np.random.default_rng([seed, code, index])
+                noise = LabelNoise(label_noise, np.random.default_rng([seed, code, index, 1]))
                 if dataset == "brats18":
-                    _write_brats(synth_brats(rng, sid, shape, axcodes, hemisphere), tmp)
+                    _write_brats(synth_brats(rng, sid, shape, axcodes, hemisphere, noise), tmp)
                 else:
-                    _write_isles(synth_isles(rng, sid, shape, axcodes, hemisphere), tmp, index)
+                    _write_isles(synth_isles(rng, sid, shape, axcodes, hemisphere, noise), tmp, index)
             (tmp / RECIPE_NAME).write_text(json.dumps(recipe, sort_keys=True) + "\n")
     except atomic_io.FolderConflict as exc:
         raise DataError(str(exc)) from None

@@ -7,8 +7,9 @@ Per subject (``transforms.build_pipeline``), with MONAI dictionary transforms:
 2. HeadMaskd — brain mask = FLAIR > 0 (BraTS, skull-stripped) or head region = CT > -23 HU
    (ISLES; the threshold of the paper's public code), computed on the source grid.
 3. Orientationd to RAS (nibabel convention: +x towards the patient's Right).
-4. ExtentSpacingd to ``spacing`` mm isotropic (MONAI SpatialResample): images and true_prob
-   bilinear, label and mask nearest, on a grid spanning the voxels' full extent so that lesion
+4. ExtentSpacingd to ``spacing`` mm isotropic (MONAI SpatialResample): images bilinear, label,
+   mask and true_prob nearest (so that the cached p* is the probability of the cached label voxel
+   by voxel; ``transforms`` says why), on a grid spanning the voxels' full extent so that lesion
    volumes survive (see ``transforms.extent_grid``). ISLES slabs have 4-8 mm slices; resampling
    along z to 2 mm is what the paper did.
 5. AsDiscreted: whole tumour / lesion = label > 0.
@@ -53,6 +54,8 @@ FORMAT_VERSION = 2
 ISLES_HEAD_THRESHOLD_HU = -23.0
 DEFAULT_SPACING = 2.0
 DEFAULT_SHAPE = (136, 136, 82)
+# A phantom's p* is resampled as its label (``transforms`` says why); in a phantom cache's key.
+TRUE_PROB_INTERP = "nearest"
 _NORMALISATION_TEXT = {"subject": "zscore per channel inside mask, 0 outside",
                        "fixed": "fixed shift/scale per modality (public code)"}
 #: ``(shift, scale)`` per modality of the paper's public code (AxelJanRousseau/
@@ -263,7 +266,12 @@ def preprocess_dataset(
     if disc.problems:
         raise error_from_problems(disc.problems, f"dataset {root}")
     subjects = disc.subjects
-    key = cache_key(config.to_dict(), source_fingerprint(root, subjects))
+    keyed = config.to_dict()
+    if any(s.true_prob is not None for s in subjects):
+        # Phantom caches only (real data have no p*, their keys stay as they were): caches of
+        # the bilinear p* (before this entry) are never taken for nearest ones.
+        keyed["true_prob_interp"] = TRUE_PROB_INTERP
+    key = cache_key(keyed, source_fingerprint(root, subjects))
     target = cache_dir_for(out, dataset, key)
     if is_complete(target, key):
         log.info("cache hit: %s already holds %d preprocessed subjects; nothing to do", target, len(subjects))
@@ -278,7 +286,7 @@ def preprocess_dataset(
             else:
                 infos = _run_pool(subjects, config, tmp, bar, n_workers)
         meta = {
-            "config": config.to_dict(),
+            "config": keyed,
             "hash": key,
             "channels": list(get_layout(dataset).channels),
             "subjects": [s.subject_id for s in subjects],

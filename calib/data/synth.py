@@ -6,8 +6,12 @@ where the affine says it is. World coordinates are RAS+ (the NIfTI/nibabel conve
 to the patient's Right, +y Anterior, +z Superior; the patient's left hemisphere is at smaller x.
 Coordinate arrays are channel first, (3, *shape), so that each axis is one contiguous array.
 
-Labels are random: ``p*`` (the lesion probability) is a smooth map, and each voxel's label is an
-independent Bernoulli(p*) draw, so ``p*`` is the exact probability behind every label.
+Labels are random: ``p*`` (the lesion probability) is a smooth map, and each voxel's label is
+``1[U(x) < p*(x)]`` with ``U(x)`` uniform on [0, 1] at every voxel, so ``p*`` is the exact
+probability behind every label. ``U`` is either independent per voxel (``iid``: speckled labels)
+or :func:`correlated_uniform`, a smooth field with the same uniform marginals (``correlated``:
+a boundary drawn a little further in or out over a stretch, as annotators disagree).
+:func:`label_frequency_bins` checks the contract on labels and p* (phantom or cache).
 """
 
 from __future__ import annotations
@@ -174,3 +178,104 @@ def combine(probabilities: list[np.ndarray]) -> np.ndarray:
     for p in probabilities:
         out *= 1.0 - p
     return (1.0 - out).astype(np.float32)
+
+
+LABEL_NOISES = ("iid", "correlated")
+# Correlation length of the correlated U (mm): twice the BraTS-like p* band (0.1 to 0.9 over
+# 4.4 mm), so a stretch of boundary moves in or out as one, and below a lesion's radius, so the
+# parts of one outline move apart; chosen from these two scales, not fitted to any result.
+LABEL_CORRELATION_MM = 8.0
+
+
+@dataclass(frozen=True)
+class LabelNoise:
+    """How ``U`` of the labels ``1[U < p*]`` is drawn: ``mode`` in :data:`LABEL_NOISES`; ``rng``
+    the label stream of a subject (``correlated`` only)."""
+
+    mode: str = "iid"
+    rng: np.random.Generator | None = None
+    length_mm: float = LABEL_CORRELATION_MM
+
+
+def draw_labels(rng: np.random.Generator, p: np.ndarray, affine: np.ndarray,
+                noise: LabelNoise | None) -> np.ndarray:
+    """Labels ``U < p`` (bool, ``p``'s shape, on the grid of ``affine``): the label contract.
+
+    ``rng``: the subject's stream, which draws the iid ``U`` in both modes (``phantom`` says why);
+    ``noise`` None or ``iid`` keeps it, ``correlated`` replaces it by :func:`correlated_uniform`
+    drawn from ``noise.rng``.
+    """
+    u = rng.random(p.shape, dtype=np.float32)
+    if noise is not None and noise.mode == "correlated":
+        spacing = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+        u = correlated_uniform(noise.rng, p.shape, spacing, noise.length_mm)
+    return u < p
+
+
+def correlated_uniform(rng: np.random.Generator, shape: tuple[int, ...], spacing_mm: np.ndarray,
+                       length_mm: float, truncate: float = 4.0) -> np.ndarray:
+    """A smooth random field, exactly uniform on [0, 1] at every voxel: ``U = Phi(G)``.
+
+    ``G`` is white N(0, 1) noise correlated (valid part only, so every voxel sees the whole
+    kernel) with a Gaussian kernel of standard deviation ``length_mm / sqrt(2)`` along each
+    axis (voxel sizes ``spacing_mm``, one per stored axis), divided by the kernel's L2 norm: a
+    weighted sum of i.i.d. normals whose squared weights sum to 1, so ``G(x)`` is exactly
+    N(0, 1) and its correlation between points ``d`` mm apart is ``exp(-d^2 / (2 length_mm^2))``
+    (on grids fine against the length; coarser axes, e.g. thick slabs, sample the kernel at their
+    voxel centres). ``Phi`` is the normal CDF, so ``P(U(x) < p) = p`` at every voxel.
+    ``truncate``: kernel half-width in standard deviations. Returns float32 ``shape``.
+    """
+    from scipy import ndimage, special
+
+    sd = float(length_mm) / math.sqrt(2.0) / np.asarray(spacing_mm, dtype=np.float64)
+    radii = [int(math.ceil(truncate * s)) for s in sd]
+    field = rng.standard_normal(tuple(n + 2 * r for n, r in zip(shape, radii)), dtype=np.float32)
+    norm = 1.0
+    for axis, (s, r) in enumerate(zip(sd, radii)):
+        k = np.arange(-r, r + 1, dtype=np.float64)
+        weights = np.exp(-0.5 * (k / s) ** 2)
+        norm *= float(np.sum(weights * weights))
+        field = ndimage.correlate1d(field, weights.astype(np.float32), axis=axis, mode="constant")
+        field = field[(slice(None),) * axis + (slice(r, field.shape[axis] - r),)]  # the valid part
+    return special.ndtr(field / np.float32(math.sqrt(norm))).astype(np.float32)
+
+
+def label_frequency_bins(true_prob: np.ndarray, label: np.ndarray, draws: np.ndarray | None = None,
+                         n_bins: int = 10, confidence: float = 0.999, min_voxels: int = 200) -> list[dict]:
+    """Is ``p*`` the probability of the labels? The label-1 fraction per bin of ``p*``.
+
+    ``true_prob``, ``label``: the voxels to check (e.g. inside the mask), flat or any shape.
+    ``draws``: an id per voxel of the draw it holds (e.g. subject and ``transforms.source_voxels``
+    for a cache, where nearest resampling copies one draw onto several voxels); each draw then
+    counts once, as the binomial interval assumes independent draws. One row per equal-width bin
+    with at least ``min_voxels`` voxels: ``bin``, ``voxels``, ``n`` (draws), ``fraction`` (of
+    label 1 among the draws), ``mean_p`` (their mean p*), ``low`` / ``high`` (the two-sided
+    ``confidence`` binomial interval of the fraction around ``mean_p``, ``scipy.stats.binom``;
+    with unequal p* in a bin the count's variance is below the binomial's, so the interval is
+    conservative), ``inside`` and ``z`` ((fraction - mean_p) / binomial standard error).
+    """
+    from scipy import stats
+
+    p = np.asarray(true_prob, dtype=np.float64).ravel()
+    y = np.asarray(label).ravel() > 0
+    if draws is not None:
+        _, first = np.unique(np.asarray(draws).reshape(len(p), -1), axis=0, return_index=True)
+        once = np.zeros(len(p), dtype=bool)
+        once[first] = True
+    else:
+        once = np.ones(len(p), dtype=bool)
+    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        in_bin = bins == b
+        voxels = int(in_bin.sum())
+        if voxels < min_voxels:
+            continue
+        sel = in_bin & once
+        n, mean_p, ones = int(sel.sum()), float(p[sel].mean()), int(y[sel].sum())
+        low, high = stats.binom.interval(confidence, n, mean_p)
+        se = math.sqrt(max(mean_p * (1 - mean_p), 1e-12) / n)
+        rows.append({"bin": b, "voxels": voxels, "n": n, "fraction": ones / n, "mean_p": mean_p,
+                     "low": low / n, "high": high / n, "inside": bool(low <= ones <= high),
+                     "z": (ones / n - mean_p) / se})
+    return rows
