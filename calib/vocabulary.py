@@ -77,3 +77,6 @@ TRAIN_SCHEDULE_KEYS = ("lr", *CALIBRATION_SCHEDULE_KEYS, "batch_size")
 METHOD_SCHEDULE_KEYS = (*CALIBRATION_SCHEDULE_KEYS, "seed")
 #: A method's parameters that configure its own TrainConfig (calib.methods.base.train_config).
 METHOD_TRAIN_KEYS = (*TRAIN_SCHEDULE_KEYS, "seed")
+#: How a phantom's labels are drawn from p* (calib.data.synth): independently per voxel, or
+#: through a spatially correlated uniform field (the same marginals).
+LABEL_NOISES = ("iid", "correlated")

@@ -83,7 +83,7 @@ class GridLoader:
                 mask_threshold=spec.mask_threshold, foreground=spec.foreground)
             return DatasetSpec(name, p.predictions, predictions=p)
         ph = spec.phantom
-        phantom = None if ph is None else PhantomSpec(ph.subjects, ph.seed, ph.shape)
+        phantom = None if ph is None else PhantomSpec(ph.subjects, ph.seed, ph.shape, ph.label_noise)
         return DatasetSpec(name, self.data_root(name, gf, phantom), phantom)
 
     def data_root(self, name: str, gf: GridFile, phantom: PhantomSpec | None) -> Path | None:

@@ -41,7 +41,7 @@ def ensure_phantoms(spec: DatasetSpec) -> None:
 
     assert spec.phantom is not None and spec.root is not None
     ph = spec.phantom
-    write_phantoms(spec.name, spec.root, ph.subjects, ph.seed, ph.shape)
+    write_phantoms(spec.name, spec.root, ph.subjects, ph.seed, ph.shape, label_noise=ph.label_noise)
 
 
 def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) -> PreparedData:

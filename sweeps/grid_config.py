@@ -51,6 +51,7 @@ class PhantomSpec:
     subjects: int
     seed: int
     shape: tuple[int, int, int] | None
+    label_noise: str = "iid"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from calib.methods.recipes import RECIPES
 from calib.schedule import TrainConfig
 from calib.vocabulary import (BASE_WEIGHTS, PAPER_WEIGHTS, CALIBRATION_SCHEDULE_KEYS, DATASET_KINDS, DATASETS,
+                              LABEL_NOISES,
                               METHODS, NORMALISATIONS, PREDICTIONS_KIND, PROTOCOLS, STAGES,
                               TRAIN_SCHEDULE_KEYS)
 
@@ -164,6 +165,8 @@ class PhantomSection(Section):
     seed: Index = 0
     shape: Annotated[tuple[int, int, int] | None,
                      BeforeValidator(lambda v: _shape(v) if v else None)] = None
+    #: how the labels are drawn from p*: iid per voxel or a correlated field (calib.data.synth)
+    label_noise: Annotated[str, BeforeValidator(lambda v: choice(v, LABEL_NOISES, "label noise"))] = "iid"
 
 
 class ImagesDataset(Section):

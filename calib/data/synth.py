@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calib.vocabulary import LABEL_NOISES
+
 _AXIS = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
 
@@ -180,7 +182,6 @@ def combine(probabilities: list[np.ndarray]) -> np.ndarray:
     return (1.0 - out).astype(np.float32)
 
 
-LABEL_NOISES = ("iid", "correlated")
 # Correlation length of the correlated U (mm): twice the BraTS-like p* band (0.1 to 0.9 over
 # 4.4 mm), so a stretch of boundary moves in or out as one, and below a lesion's radius, so the
 # parts of one outline move apart; chosen from these two scales, not fitted to any result.

@@ -230,3 +230,33 @@ def test_paper_smoke_grid_is_the_paper_grid_cut_in_size():
     assert smoke.weights == paper.weights and [m.name for m in smoke.methods] == [m.name for m in paper.methods]
     assert smoke.folds.run_folds() == (0,)
     assert {d.phantom.shape for d in smoke.datasets} == {(240, 240, 155), (256, 256, 8)}
+
+
+def test_phantom_label_noise_is_a_grid_key_of_the_trial_keys(tmp_path):
+    from sweeps.plan import expand
+
+    raw = yaml.safe_load((REPO / "sweeps/grids/paper-smoke.yaml").read_text())
+    iid = load_grid("paper-smoke", require_data=False, env={})
+    assert {d.phantom.label_noise for d in iid.datasets} == {"iid"}  # the default
+    for ds in raw["datasets"].values():
+        ds["phantom"]["label_noise"] = "correlated"
+    corr = load_grid(_write(tmp_path, raw), require_data=False, env={})
+    assert {d.phantom.label_noise for d in corr.datasets} == {"correlated"}
+    # other labels are other data: no trial of one is reused for the other
+    assert not {t.key for t in expand(iid).trials} & {t.key for t in expand(corr).trials}
+    for ds in raw["datasets"].values():
+        ds["phantom"]["label_noise"] = "speckled"
+    with pytest.raises(GridError, match="label noise 'speckled'.*valid choices: iid, correlated"):
+        load_grid(_write(tmp_path, raw), require_data=False, env={})
+
+
+def test_the_launch_writes_phantoms_with_the_grids_label_noise(tmp_path):
+    import json
+
+    from calib.data.phantom import RECIPE_NAME
+    from sweeps.data_prep import ensure_phantoms
+    from sweeps.grid_config import DatasetSpec, PhantomSpec
+
+    spec = DatasetSpec("isles18", tmp_path / "isles", PhantomSpec(2, 0, (32, 32, 4), "correlated"))
+    ensure_phantoms(spec)
+    assert json.loads((tmp_path / "isles" / RECIPE_NAME).read_text())["label_noise"] == "correlated"
