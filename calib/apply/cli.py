@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, model_dir: Path, origin: str | None = None) ->
                 print(f"{outcome.case.case_id}: {name} -> {path}", flush=True)
         else:
             failed.append(outcome.case.case_id)
-            _say(f"error: case {outcome.case.case_id}: {outcome.error}")
+            _say(f"error: {outcome.case.case_id}: {outcome.error}")
     summary = f"applied {written} of {len(cases)} case(s) -> {args.out}"
     if failed:
         summary += f"; {len(failed)} failed: {', '.join(failed)}"
