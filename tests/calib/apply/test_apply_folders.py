@@ -150,3 +150,17 @@ def test_calib_never_imports_tracking_mlflow_or_ray():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             found += [f"{path.relative_to(root.parent)}:{node.lineno} {n}" for n in names if n.split(".")[0] in banned]
     assert found == []
+
+
+def test_without_tqdm_each_case_is_a_counted_line(external_models, tmp_path, capsys, monkeypatch):
+    from calib.apply import cli
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    ext = external_models["nifti"]
+    rc = cli.main(["--model-dir", str(ext["model"]), "--input", str(ext["data"] / "predictions"),
+                   "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 0
+    n = len(ext["ids"])
+    assert [line for line in err.splitlines() if line.startswith("[")] == [
+        f"[{i}/{n}] {cid}: ok" for i, cid in enumerate(ext["ids"], 1)]
