@@ -1,11 +1,10 @@
-"""Apply a fitted model to one new case and write the result as NIfTI on the input's own grid."""
+"""Apply a fitted model to one new case and write the result as NIfTI on the input's own grid
+(its shape, affine, qform / sform codes and units); many cases: :mod:`calib.apply.cases`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
 import nibabel as nib
 import numpy as np
 
@@ -38,7 +37,7 @@ def prepare_input(model: FittedModel, path: Path, mask: Path | None = None) -> P
                              f"{model.dataset} subject folder")
         prep = model.data.get("preprocessing") or {}
         if "spacing" not in prep or "shape" not in prep:
-            raise ApplyError(f"{model.source}: the trial config lacks data.preprocessing (spacing, shape)")
+            raise ApplyError(f"{model.origin}: the trial config lacks data.preprocessing (spacing, shape)")
         return prepare_subject(path, model.dataset, prep["spacing"], prep["shape"],
                                prep.get("normalisation", "subject"))
     if path.is_dir():
@@ -50,14 +49,22 @@ def prepare_input(model: FittedModel, path: Path, mask: Path | None = None) -> P
 
 
 def _nifti(array: np.ndarray, case: PreparedCase) -> nib.Nifti1Image:
-    """A float32 NIfTI on the input's grid: its affine, and its header's codes where there is one."""
-    header = None
-    if case.header is not None:
-        header = nib.Nifti1Header()
-        for key in ("qform_code", "sform_code", "xyzt_units"):
-            header[key] = case.header[key]
-    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), case.affine, header=header)
+    """A float32 NIfTI on the input's grid: its affine, with the reference header's qform / sform
+    codes and xyzt units where there is one.
+
+    nibabel, given an affine, writes it as sform code 2 ("aligned") and qform code 0: a viewer or
+    registration tool would then read a scanner-space image (codes 1/1) as aligned to something
+    else, or ignore its qform. So both are set again from the affine, each with the reference's code.
+    """
+    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), case.affine)
     img.set_data_dtype(np.float32)
+    ref = case.header
+    if ref is not None:
+        img.header.set_xyzt_units(*ref.get_xyzt_units())
+        qcode, scode = int(ref["qform_code"]), int(ref["sform_code"])
+        if qcode or scode:  # both 0 (no space at all): keep nibabel's codes, or the affine is lost
+            img.set_qform(case.affine, code=qcode)
+            img.set_sform(case.affine, code=scode)
     return img
 
 
@@ -93,15 +100,3 @@ def apply_model(model: FittedModel, path: Path, out_dir: Path, device: str = "cp
     prediction = model.predict(case.mask, image=case.image, logits=case.logits, device=device,
                                subject_id=case.case_id)
     return ApplyResult(case.case_id, write_outputs(out_dir, case, prediction), prediction, case)
-
-
-def apply_many(model: FittedModel, paths: Sequence[Path], out_dir: Path, device: str = "cpu",
-               mask: Path | None = None) -> list[ApplyResult]:
-    """:func:`apply_model` on each path, each input checked and prepared before any is written."""
-    cases = [prepare_input(model, p, mask) for p in paths]
-    results = []
-    for case in cases:
-        prediction = model.predict(case.mask, image=case.image, logits=case.logits, device=device,
-                                   subject_id=case.case_id)
-        results.append(ApplyResult(case.case_id, write_outputs(out_dir, case, prediction), prediction, case))
-    return results

@@ -27,9 +27,10 @@ import nibabel as nib
 import numpy as np
 
 from calib.data.check import check_subject
-from calib.data.errors import MISSING_MODALITY, DataError, Problem, error_from_problems
+from calib.data.errors import MISSING_MODALITY, DataError, Problem
 from calib.data.layouts import SUPPORTED_DATASETS, SubjectFiles, discover, get_layout, is_nifti, nifti_stem
-from calib.data.predictions import CaseFiles, VoxelGrid, read_prediction
+from calib.data.nifti import VoxelGrid, read_grid, read_volume
+from calib.data.predictions import CaseFiles, read_prediction
 
 from .model import ApplyError
 
@@ -64,6 +65,15 @@ def _outside_grid(model_affine: np.ndarray, model_shape, ref_affine: np.ndarray,
     return np.any((u < -0.5) | (u > n - 0.5), axis=-1)
 
 
+def input_error(problems: Sequence[Problem], what: str) -> DataError:
+    """One DataError for the problems of one input, each file named once: ``<file>: <why>`` for a
+    single problem, else ``<what>: N problems`` and one such line per problem."""
+    lines = [f"{p.path}: {p.message}" if p.path else p.message for p in problems]
+    if len(lines) == 1:
+        return DataError(lines[0], problems)
+    return DataError(f"{what}: {len(lines)} problems:\n  " + "\n  ".join(lines), problems)
+
+
 # ---- subject folders -----------------------------------------------------------------------------
 
 def find_subject(folder: Path, dataset: str) -> SubjectFiles:
@@ -84,7 +94,7 @@ def find_subject(folder: Path, dataset: str) -> SubjectFiles:
     problems = [p for p in disc.problems if p.subject == files.subject_id
                 and not (p.kind == MISSING_MODALITY and p.message.startswith(f"{label_name} "))]
     if problems:
-        raise error_from_problems(problems, f"subject {folder}")
+        raise input_error(problems, f"subject {folder}")
     return files
 
 
@@ -100,7 +110,7 @@ def prepare_subject(folder: Path, dataset: str, spacing: float, shape: Sequence[
     files = find_subject(folder, dataset)
     problems = check_subject(files, dataset, include_ignored=False)
     if problems:
-        raise error_from_problems(problems, f"subject {folder}")
+        raise input_error(problems, f"subject {folder}")
     config = PreprocessConfig.make(dataset, spacing, shape, normalisation)
     pipeline = build_pipeline(config.spacing, config.shape, config.mask_threshold, False,
                               config.orientation, fixed=config.fixed_statistics(), with_label=False)
@@ -110,13 +120,12 @@ def prepare_subject(folder: Path, dataset: str, spacing: float, shape: Sequence[
         raise DataError(f"subject {folder}: preprocessing failed: {exc}") from exc
     mask = np.asarray(d["mask"][0]) > 0.5
     if not mask.any():
-        raise error_from_problems([Problem(files.subject_id, str(files.images[0]), "empty_mask",
-                                           f"no voxel of {config.mask_channel} > {config.mask_threshold:g}")],
-                                  f"subject {folder}")
+        raise input_error([Problem(files.subject_id, str(files.images[0]), "empty_mask",
+                                   f"no voxel of {config.mask_channel} > {config.mask_threshold:g}")],
+                          f"subject {folder}")
     model_affine = torch.as_tensor(np.asarray(d["image"].affine, dtype=np.float64))
-    reference = nib.load(str(files.images[0]))
-    ref_affine = np.asarray(reference.affine, dtype=np.float64)
-    ref_shape = tuple(int(s) for s in reference.shape[:3])
+    ref_grid, ref_header = read_grid(files.images[0])
+    ref_affine, ref_shape = ref_grid.affine, ref_grid.shape
 
     outside = _outside_grid(np.asarray(model_affine), mask.shape, ref_affine, ref_shape)
 
@@ -128,7 +137,7 @@ def prepare_subject(folder: Path, dataset: str, spacing: float, shape: Sequence[
             src, dst_affine=torch.as_tensor(ref_affine), spatial_size=ref_shape)
         return np.where(outside, np.float32(0.0), np.asarray(out[0], dtype=np.float32))
 
-    return PreparedCase(files.subject_id, mask, restore, ref_shape, ref_affine, reference.header,
+    return PreparedCase(files.subject_id, mask, restore, ref_shape, ref_affine, ref_header,
                         files.images[0], image=np.ascontiguousarray(np.asarray(d["image"], dtype=np.float32)))
 
 
@@ -143,14 +152,15 @@ def _output_grid(path: Path, grid: VoxelGrid) -> tuple[VoxelGrid, nib.Nifti1Head
     """The grid to write on: the NIfTI's own; for nnU-Net, the segmentation beside when it is
     there and in the same space (the original image's grid), else the properties' grid."""
     if path.suffix != ".npz":
-        img = nib.load(str(path))
-        return grid, img.header
+        return grid, read_grid(path)[1]
     for seg in (path.with_suffix(".nii.gz"), path.with_suffix(".nii")):
         if seg.is_file():
-            img = nib.load(str(seg))
-            seg_grid = VoxelGrid(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64))
+            try:
+                seg_grid, header = read_grid(seg)
+            except DataError:  # a broken segmentation beside: the properties' grid still holds
+                continue
             if seg_grid.same_space(grid):
-                return seg_grid, img.header
+                return seg_grid, header
     return grid, None
 
 
@@ -168,19 +178,18 @@ def prepare_prediction(path: Path, values: str = "probability", foreground: Sequ
     problems: list[Problem] = []
     read = read_prediction(files, values, foreground, problems)
     if read is None:
-        raise error_from_problems(problems, f"prediction {path}")
+        raise input_error(problems, f"prediction {path}")
     logit, grid = read
     inside = np.ones(grid.ras_shape, dtype=bool)
     if mask is not None:
-        try:
-            mimg = nib.load(str(mask))
-            mgrid = VoxelGrid(tuple(int(s) for s in mimg.shape[:3]), np.asarray(mimg.affine, dtype=np.float64))
-            mdata = np.asanyarray(mimg.dataobj)
-        except Exception as exc:  # noqa: BLE001 - unreadable in any way: name the file
-            raise DataError(f"{mask}: cannot read the mask ({exc})") from None
-        if not mgrid.same_space(grid):
-            raise DataError(f"{mask}: the mask's grid {mgrid.shape} does not match the prediction {path.name} {grid.shape}")
-        inside = mgrid.to_ras(mdata > mask_threshold)
+        problems = []
+        volume = read_volume(Path(mask), cid, problems, ndims=(3,))
+        if volume is None:
+            raise input_error(problems, f"mask {mask}")
+        if not volume.grid.same_space(grid):
+            raise DataError(f"{mask}: the mask's grid {volume.grid.shape} does not match the prediction "
+                            f"{path.name} {grid.shape}")
+        inside = volume.grid.to_ras(np.asarray(volume.data) > mask_threshold)
     target, header = _output_grid(path, grid)
     return PreparedCase(cid, np.ascontiguousarray(inside), lambda a: target.from_ras(np.asarray(a, dtype=np.float32)),
                         target.shape, target.affine, header, path,

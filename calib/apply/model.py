@@ -104,6 +104,12 @@ class FittedModel:
     net: UNet3D | None
     calibrator: CalibrationMethod | None
     source: Path
+    #: what the user named the model by (a ``models:/`` URI, ``run <id>``); messages say this,
+    #: not ``source``, which may be a temporary download folder. Default: ``source``.
+    origin: str = ""
+
+    def __post_init__(self) -> None:
+        self.origin = self.origin or str(self.source)
 
     @property
     def stage(self) -> str:
@@ -132,7 +138,7 @@ class FittedModel:
         return isinstance(self.calibrator, MCDropout)
 
     def describe(self) -> str:
-        return f"{self.dataset}/{self.config.get('weights', '')}/{self.method} ({self.stage}) from {self.source}"
+        return f"{self.dataset}/{self.config.get('weights', '')}/{self.method} ({self.stage}) from {self.origin}"
 
     def predict(self, mask: np.ndarray, image: np.ndarray | None = None, logits: np.ndarray | None = None,
                 device: torch.device | str = "cpu", subject_id: str = "input") -> Prediction:
@@ -170,51 +176,65 @@ class FittedModel:
         return Prediction(self.calibrator.predict_proba(subject, device))
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path, name: str) -> dict:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ApplyError(f"{path}: trial config missing (every trial logs {TRIAL_CONFIG})") from None
+        raise ApplyError(f"{name}: trial config missing (every trial logs {TRIAL_CONFIG})") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise ApplyError(f"{path}: cannot read the trial config ({exc})") from None
+        raise ApplyError(f"{name}: cannot read the trial config ({exc})") from None
     missing = [k for k in ("stage", "method") if k not in config]
     if missing:
-        raise ApplyError(f"{path}: not a trial config (lacks {', '.join(missing)})")
+        raise ApplyError(f"{name}: not a trial config (lacks {', '.join(missing)})")
     return config
 
 
-def load_fitted(model_dir: Path) -> FittedModel:
-    """Read a model folder (module doc) into a :class:`FittedModel`; errors name the file."""
+def load_fitted(model_dir: Path, origin: str | None = None) -> FittedModel:
+    """Read a model folder (module doc) into a :class:`FittedModel`; errors name the file.
+
+    ``origin``: what the user named the model by when ``model_dir`` is a download of it (a
+    ``models:/`` URI, ``run <id>``); errors and :meth:`FittedModel.describe` then name a file as
+    ``<origin>: <file name>`` instead of its temporary path.
+    """
     model_dir = Path(model_dir)
+
+    def name(path: Path) -> str:
+        return f"{origin}: {path.relative_to(model_dir)}" if origin else str(path)
+
+    def renamed(exc: Exception) -> ApplyError:
+        # messages of calib.methods / calib.nets name the file by its path: say the origin instead
+        text = str(exc)
+        return ApplyError(text.replace(str(model_dir), origin) if origin else text)
+
     if not model_dir.is_dir():
-        raise ApplyError(f"{model_dir}: no model folder there")
-    config = _read_config(model_dir / TRIAL_CONFIG)
+        raise ApplyError(f"{origin or model_dir}: no model folder there")
+    config = _read_config(model_dir / TRIAL_CONFIG, name(model_dir / TRIAL_CONFIG))
     external = (config.get("data") or {}).get("kind") == "predictions"
     net_cfg = None if external or not config.get("net") else as_unet_config(config["net"])
 
     def unet(weights: Path) -> UNet3D:
         if net_cfg is None:
-            raise ApplyError(f"{model_dir / TRIAL_CONFIG}: no network config for {weights.name}")
+            raise ApplyError(f"{name(model_dir / TRIAL_CONFIG)}: no network config for {weights.name}")
         try:
             return load_weights(UNet3D(net_cfg), weights)
         except ValueError as exc:
-            raise ApplyError(str(exc)) from exc
+            raise renamed(exc) from exc
 
     if config["stage"] in (PRETRAIN, BASE):
         weights = model_dir / STAGE_WEIGHTS
         if not weights.is_file():
-            raise ApplyError(f"{weights}: the {config['stage']} model's weights are missing")
-        return FittedModel(config, unet(weights), None, model_dir)
+            raise ApplyError(f"{name(weights)}: the {config['stage']} model's weights are missing")
+        return FittedModel(config, unet(weights), None, model_dir, origin or "")
     method_file = model_dir / METHOD_FILE
     try:
         calibrator = load_method(method_file)
     except ValueError as exc:
-        raise ApplyError(str(exc)) from exc
+        raise renamed(exc) from exc
     net = None
     if calibrator.uses == "logits" and not external:
         base = model_dir / BASE_WEIGHTS
         if not base.is_file():
-            raise ApplyError(f"{base}: {calibrator.name} calibrates a U-Net's logits; its base weights "
+            raise ApplyError(f"{name(base)}: {calibrator.name} calibrates a U-Net's logits; its base weights "
                              "are missing from the model folder")
         net = unet(base)
-    return FittedModel(config, net, calibrator, model_dir)
+    return FittedModel(config, net, calibrator, model_dir, origin or "")

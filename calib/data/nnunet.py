@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,13 @@ def _unreadable(path: Path, why: str) -> DataError:
     return DataError(f"{path}: {why}", [Problem("", str(path), UNREADABLE, why)])
 
 
+def _reason(exc: BaseException, path: Path) -> str:
+    """The exception's text without the path (the message names the file once, in front)."""
+    text = getattr(exc, "strerror", None) if isinstance(exc, OSError) else None
+    text = text or str(exc) or type(exc).__name__
+    return text.replace(f"'{path}'", "the file").replace(str(path), "the file")
+
+
 class _PropertiesUnpickler(pickle.Unpickler):
     """An unpickler that resolves only :data:`_ALLOWED_GLOBALS` (numpy dtypes by class name)."""
 
@@ -75,7 +83,7 @@ def read_properties(path: Path) -> dict:
         raise _unreadable(path, f"nnU-Net properties file missing (nnU-Net writes <case>.pkl "
                         "beside <case>.npz with --save_probabilities)") from None
     except Exception as exc:  # noqa: BLE001 - any failure here means "not nnU-Net's properties"
-        raise _unreadable(path, f"cannot read nnU-Net properties ({exc})") from None
+        raise _unreadable(path, f"cannot read nnU-Net properties ({_reason(exc, path)})") from None
     if not isinstance(props, dict):
         raise _unreadable(path, f"expected nnU-Net's properties dict, got {type(props).__name__}")
     return props
@@ -121,8 +129,11 @@ def read_nnunet_probabilities(npz_path: Path, pkl_path: Path | None = None) -> t
             probs = np.asarray(npz[PROBABILITIES_KEY])
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise _unreadable(npz_path, f"unreadable nnU-Net prediction ({exc})") from None
+    except (EOFError, zipfile.BadZipFile, zlib.error) as exc:  # the archive or a member ends early
+        raise _unreadable(npz_path, f"unreadable nnU-Net prediction: cut short or not an .npz archive "
+                                    f"({_reason(exc, npz_path)})") from None
+    except (OSError, ValueError) as exc:
+        raise _unreadable(npz_path, f"unreadable nnU-Net prediction ({_reason(exc, npz_path)})") from None
     if probs.ndim != 4:
         raise _unreadable(npz_path, f"{PROBABILITIES_KEY} has shape {probs.shape}; expected "
                         "(classes, z, y, x) of a 3-D case")

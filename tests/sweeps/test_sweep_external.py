@@ -4,7 +4,7 @@ Config and plan: the dataset's keys are validated (names, folders, values), it h
 pretrain/base training -- a ``base`` trial per fold scores the imported predictions and only the
 logit-based methods run, weights ``external``. End to end (slow): real Ray, real MLflow, phantom
 predictions in nnU-Net's format; the report ranks the methods and registers the best one, and
-``calib.apply --run`` writes a calibrated map on a case's own grid.
+``tracking.apply --run`` writes a calibrated map on a case's own grid.
 """
 
 from __future__ import annotations
@@ -131,11 +131,11 @@ def test_launch_calibrates_external_predictions_end_to_end(ray_session, tmp_path
     assert ece["platt"] < ece["base"] and ece["temperature"] < ece["base"] and ece["isotonic"] < ece["base"]
     assert "registered models:/calib-ext-mynet-external@best" in text
 
-    # calib.apply --run on one test case of a calibrate trial: its own grid, the trial's prediction
+    # tracking.apply --run on one test case of a calibrate trial: its own grid, the trial's prediction
     trial = next(r for r in runs if r.data.tags[schema.METHOD] == "platt")
     splits = json.loads(Path(client.download_artifacts(trial.info.run_id, schema.SPLITS, str(tmp_path))).read_text())
     case = splits["test"][0]
-    res = subprocess.run([sys.executable, "-m", "calib.apply", "--run", trial.info.run_id, "--tracking-uri",
+    res = subprocess.run([sys.executable, "-m", "tracking.apply", "--run", trial.info.run_id, "--tracking-uri",
                           mlflow_store, "--input", str(data / "predictions" / f"{case}.npz"),
                           "--mask", str(data / "masks" / f"{case}.nii.gz"), "--out", str(tmp_path / "applied")],
                          capture_output=True, text=True, cwd=REPO)
