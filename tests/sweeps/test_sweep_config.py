@@ -260,3 +260,19 @@ def test_the_launch_writes_phantoms_with_the_grids_label_noise(tmp_path):
     spec = DatasetSpec("isles18", tmp_path / "isles", PhantomSpec(2, 0, (32, 32, 4), "correlated"))
     ensure_phantoms(spec)
     assert json.loads((tmp_path / "isles" / RECIPE_NAME).read_text())["label_noise"] == "correlated"
+
+
+def test_the_demo_tests_on_twelve_subjects_and_fits_on_two(tmp_path):
+    """Issue 20: the demo's verdicts rest on >= 12 test subjects per dataset and >= 2 val and
+    >= 2 calibration subjects per fold (the split rule itself, on the demo's own settings)."""
+    from calib.data import make_folds
+    from calib.stages import make_split
+
+    demo = load_grid("demo", require_data=False, env={})
+    for d in demo.datasets:
+        ids = [f"s{i:02d}" for i in range(d.phantom.subjects)]
+        folds = make_folds(ids, demo.folds.n_folds, demo.folds.seed)
+        for fold in demo.folds.run_folds():
+            s = make_split(tmp_path, folds, fold, demo.protocol, demo.seed, demo.val_fraction,
+                           demo.calib_fraction)
+            assert len(s.test_ids) >= 12 and len(s.val_ids) >= 2 and len(s.calib_ids) >= 2, d.name
