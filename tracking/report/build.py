@@ -37,6 +37,7 @@ from tracking.report.files import FILE_DESCRIPTIONS
 from tracking.report.registry import register_best
 from tracking.report.selection import Selection, pool_subjects, select_runs
 from tracking.report.tables import latex_table, markdown_table
+from tracking.report.train_time import train_time_markdown, train_time_tables
 from tracking.store import resolve_tracking_uri
 
 ARTIFACT_PATH = "report"
@@ -72,6 +73,7 @@ class ReportData:
     headline: pd.DataFrame = None  # tracking.report.headline's table
     slices: dict = None  # dataset → [SliceRow], for the slice figure
     headline_info: object = None  # tracking.report.headline.Headline (what was left out)
+    train_time: dict = None  # dataset → tracking.report.train_time's frame (train-time weights only)
 
 
 def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: str | None = None,
@@ -108,7 +110,7 @@ def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: 
         slices = _slice_rows(info.table, selections, reader)
     return ReportData(uri, client, trials, select_by, use_holm, tuple(selections), results,
                       dispersion_table(bins), {k: subject_accuracy(b) for k, b in bins.items()}, warn,
-                      info.table, slices, info)
+                      info.table, slices, info, train_time_tables(selections, tables, info.table))
 
 
 def _slice_rows(headline: pd.DataFrame, selections, reader: ArtifactReader) -> dict:
@@ -203,8 +205,12 @@ def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, .
                                    reliability_figure(acc, ds, w)))
             files.append(write_png(out / names.fig3(ds, w), violin_figure(acc, ds, w)))
     files.append(write_csv(out / names.DISPERSION, dispersion))
+    train_time = data.train_time or {}
+    for ds, frame in train_time.items():
+        files.append(write_csv(out / names.train_time_csv(ds), frame))
+    questions = [train_time_markdown(train_time, names.train_time_csv)]
     # report.md last, so that the warnings raised while writing are in it too.
     files.append(write_text(out / names.REPORT,
                             report_markdown(results, data.selections, dispersion, data.warn.messages, ctx,
-                                            data.headline, sorted(data.slices))))
+                                            data.headline, sorted(data.slices), questions)))
     return tuple(files)

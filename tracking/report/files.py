@@ -27,6 +27,12 @@ FILE_DESCRIPTIONS = {
                                            "row per method",
     DISPERSION: "per dataset × weights × method × bin: spread (std, IQR) of subject accuracy, with "
                 "the base model's beside it",
+    "train_time_<dataset>.csv": "per train-time weights (focal, svls, ace): its base model against "
+                                "the best post hoc calibration of CE-SD chosen on val (Dice, ECE %, "
+                                "true ECE % with Wilcoxon p and n), and its own headline row",
+    "estimators_<dataset>.csv": "phantoms: per ECE estimator its bias and RMSE against the true ECE "
+                                "over subjects x methods, and Kendall's tau between the method "
+                                "rankings by the estimator and by the truth",
     REPORT: "this report",
 }
 
@@ -46,6 +52,14 @@ def table_tex(dataset: str) -> str:
 
 def pareto_csv(dataset: str) -> str:
     return f"pareto_{_safe(dataset)}.csv"
+
+
+def train_time_csv(dataset: str) -> str:
+    return f"train_time_{_safe(dataset)}.csv"
+
+
+def estimators_csv(dataset: str) -> str:
+    return f"estimators_{_safe(dataset)}.csv"
 
 
 def slices(dataset: str) -> str:
