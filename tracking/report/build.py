@@ -22,6 +22,7 @@ from tracking.report.analysis import analyse, pareto_by_weights, subject_table, 
 from tracking.report.dispersion import dispersion_table, subject_accuracy
 from tracking.report.document import ReportContext, report_markdown
 from tracking.report.errors import WarningLog, log
+from tracking.report.estimators import estimator_tables, estimators_markdown
 from tracking.report.fetch import (
     ArtifactReader,
     TrialSet,
@@ -74,6 +75,7 @@ class ReportData:
     slices: dict = None  # dataset → [SliceRow], for the slice figure
     headline_info: object = None  # tracking.report.headline.Headline (what was left out)
     train_time: dict = None  # dataset → tracking.report.train_time's frame (train-time weights only)
+    estimators: dict = None  # dataset → tracking.report.estimators' frame (phantoms only)
 
 
 def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: str | None = None,
@@ -110,7 +112,8 @@ def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: 
         slices = _slice_rows(info.table, selections, reader)
     return ReportData(uri, client, trials, select_by, use_holm, tuple(selections), results,
                       dispersion_table(bins), {k: subject_accuracy(b) for k, b in bins.items()}, warn,
-                      info.table, slices, info, train_time_tables(selections, tables, info.table))
+                      info.table, slices, info, train_time_tables(selections, tables, info.table),
+                      estimator_tables(selections, tables))
 
 
 def _slice_rows(headline: pd.DataFrame, selections, reader: ArtifactReader) -> dict:
@@ -208,7 +211,11 @@ def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, .
     train_time = data.train_time or {}
     for ds, frame in train_time.items():
         files.append(write_csv(out / names.train_time_csv(ds), frame))
-    questions = [train_time_markdown(train_time, names.train_time_csv)]
+    estimators = data.estimators or {}
+    for ds, frame in estimators.items():
+        files.append(write_csv(out / names.estimators_csv(ds), frame))
+    questions = [train_time_markdown(train_time, names.train_time_csv),
+                 estimators_markdown(estimators, names.estimators_csv)]
     # report.md last, so that the warnings raised while writing are in it too.
     files.append(write_text(out / names.REPORT,
                             report_markdown(results, data.selections, dispersion, data.warn.messages, ctx,
