@@ -11,9 +11,11 @@ REPORT = "report.md"
 FILE_DESCRIPTIONS = {
     RESULTS: "one row per dataset × weights × method: selected LR, subjects, mean Dice, mean ECE %, "
              "p vs best, bold, Pareto (docs/architecture.md, Report), then p vs base, protocol, "
-             "selection rule, p adjustment, true CE % on phantoms",
-    HEADLINE: "per dataset × weights: the base model's ECE % and true CE %, the best post hoc "
-              "method's (lowest ECE), and the Wilcoxon verdict against the base model",
+             "selection rule, p adjustment, intervals, and Brier, NLL, true ECE %, p*-distance %, "
+             "ECE bias when some run has them",
+    HEADLINE: "per dataset × weights: the base model against the calibrator chosen on val (lowest "
+              "mean val ECE or NLL), each metric's mean with its bootstrap interval and Wilcoxon p, "
+              "and the verdicts",
     "slices_<dataset>.png": "one test subject's slice: image, label, p*, base and best calibrated "
                             "probability, and their errors |p - p*|",
     "table_<dataset>.md": "Table 1/2: methods × weights × {Dice, ECE %}, bold cells (Markdown)",
