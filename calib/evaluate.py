@@ -9,12 +9,14 @@ import numpy as np
 import pandas as pd
 
 from calib import metrics
+from calib.metrics.estimators import ESTIMATOR_COLUMNS, estimator_row
 
-#: Columns of per_subject.csv (and val_per_subject.csv), in order; the last two only when the
-#: subject has a true probability (phantoms).
+#: Columns of per_subject.csv (and val_per_subject.csv), in order; from ``true_ece`` on only when
+#: the subject has a true probability (phantoms): the truth, then the ECE estimators
+#: (``ece_est_<name>``, calib.metrics.estimators) and their L2 truth ``true_ece_l2``.
 PER_SUBJECT_COLUMNS = ("subject_id", "fold", "dice", "ece", "brier", "nll", "mce", "boundary_ece",
                        "adaptive_ece", "classwise_ece", "ueo", "error_auroc", "true_ece",
-                       "p_star_distance")
+                       "p_star_distance", *ESTIMATOR_COLUMNS)
 #: The per-subject metric columns (every column but the keys), for summaries such as ``<col>_mean``.
 METRIC_COLUMNS = PER_SUBJECT_COLUMNS[2:]
 BIN_COLUMNS = ("subject_id", "bin", "count", "conf_sum", "pos_sum")
@@ -37,7 +39,9 @@ def evaluate_subject(prob: np.ndarray, label: np.ndarray, mask: np.ndarray,
         entropy > 0.5 against the errors), ``error_auroc`` (errors detected by min(p, 1 - p); NaN
         without errors) -- fractions, not % -- and, when ``true_prob`` is given, ``true_ece``
         (the label-free ECE against it, same bins as ``ece``) and ``p_star_distance`` (mean
-        |prob - true_prob| in the mask) (:mod:`calib.metrics` documents each); ``bins``:
+        |prob - true_prob| in the mask) (:mod:`calib.metrics` documents each), and every ECE
+        estimator of :mod:`calib.metrics.estimators` (``ece_est_width20``, ..., with the L2
+        truth ``true_ece_l2``) to be set against the truth; ``bins``:
         DataFrame ``bin, count, conf_sum, pos_sum`` (n_bins rows; these add across subjects, see
         :func:`calib.metrics.ece_from_bins`).
     """
@@ -67,6 +71,7 @@ def evaluate_subject(prob: np.ndarray, label: np.ndarray, mask: np.ndarray,
             raise ValueError(f"true_prob {true_prob.shape} does not match prob {prob.shape}")
         row["true_ece"] = metrics.true_ece(prob, true_prob, mask, n_bins=n_bins)
         row["p_star_distance"] = metrics.p_star_distance(prob, true_prob, mask)
+        row |= estimator_row(prob, label, mask, true_prob)
     bins = pd.DataFrame({"bin": np.arange(n_bins), "count": np.asarray(count),
                          "conf_sum": np.asarray(conf_sum, dtype=np.float64),
                          "pos_sum": np.asarray(pos_sum, dtype=np.float64)})
@@ -79,8 +84,8 @@ def evaluate_subjects(predict: Callable[[object], np.ndarray], subjects: Iterabl
 
     Each subject needs ``subject_id``, ``label``, ``mask`` and ``true_prob`` (None allowed), as
     :class:`calib.methods.SubjectRef` has. Returns ``(per_subject, reliability_bins)`` with the
-    columns :data:`PER_SUBJECT_COLUMNS` (``true_ece`` and ``p_star_distance`` when any subject has
-    a true probability; NaN for those without) and :data:`BIN_COLUMNS`.
+    columns :data:`PER_SUBJECT_COLUMNS` (``true_ece``, ``p_star_distance`` and the estimator
+    columns when any subject has a true probability; NaN for those without) and :data:`BIN_COLUMNS`.
     """
     rows, bins = [], []
     for subject in subjects:

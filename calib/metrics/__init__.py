@@ -29,6 +29,9 @@ Beyond the paper:
   (``sum_k (n_k/N) |mean_k p - mean_k p*|``: what ECE estimates), and
   ``p_star_distance(probs, true_probs, mask)``, ``mean |p - p*|`` (>= the true ECE by Jensen; it
   counts sharpness too, so it is not a calibration error).
+* Estimators of the calibration error to set against that truth (:mod:`calib.metrics.estimators`):
+  ``ece_estimates`` (ECE at 10, 20, 40 equal-width bins, adaptive, the monotonic sweep of Roelofs
+  et al. 2022, the debiased L1 and L2 errors of Kumar et al. 2019, the plug-in L2), ``true_l2_ce``.
 
 How other libraries differ (read from torchmetrics 1.9.0 and MONAI 1.6.1 sources):
 
@@ -59,6 +62,15 @@ from calib.metrics.binning import (
     top_label_ece,
 )
 from calib.metrics.boundary import boundary_band, boundary_ece
+from calib.metrics.estimators import (
+    ESTIMATORS,
+    debiased_ece_from_bins,
+    debiased_l2_ce_from_bins,
+    ece_estimates,
+    l2_ce_from_bins,
+    sweep_ece,
+    true_l2_ce,
+)
 from calib.metrics.scores import NLL_EPS, brier, dice, nll
 from calib.metrics.truth import p_star_distance, true_ece, true_reliability_bins
 from calib.metrics.uncertainty import (
@@ -69,6 +81,7 @@ from calib.metrics.uncertainty import (
 )
 
 __all__ = [
+    "ESTIMATORS",
     "MetricInputError",
     "NLL_EPS",
     "UEO_THRESHOLD",
@@ -78,18 +91,24 @@ __all__ = [
     "boundary_ece",
     "brier",
     "classwise_ece",
+    "debiased_ece_from_bins",
+    "debiased_l2_ce_from_bins",
     "dice",
     "ece",
+    "ece_estimates",
     "ece_from_bins",
     "error_detection_auroc",
+    "l2_ce_from_bins",
     "mce",
     "mce_from_bins",
     "nll",
     "normalised_entropy",
     "p_star_distance",
     "reliability_bins",
+    "sweep_ece",
     "top_label_ece",
     "true_ece",
+    "true_l2_ce",
     "true_reliability_bins",
     "uncertainty_error_overlap",
 ]

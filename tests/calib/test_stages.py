@@ -9,6 +9,7 @@ import torch
 from calib.data import make_folds, preprocess_dataset, write_phantoms
 from calib.logits import load_logits, read_index
 from calib.methods import METHOD_NAMES, get_method, load_method
+from calib.metrics.estimators import ESTIMATOR_COLUMNS
 from calib.nets import UNetConfig
 from calib.stages import (
     StageError,
@@ -24,7 +25,8 @@ CPU = torch.device("cpu")
 NET = UNetConfig.tiny(4, levels=3, base=2)
 TRAIN = TrainConfig(lr=3e-3, max_epochs=2, batch_size=2)
 PER_SUBJECT = ["subject_id", "fold", "dice", "ece", "brier", "nll", "mce", "boundary_ece",
-               "adaptive_ece", "classwise_ece", "ueo", "error_auroc", "true_ece", "p_star_distance"]
+               "adaptive_ece", "classwise_ece", "ueo", "error_auroc", "true_ece", "p_star_distance",
+               *ESTIMATOR_COLUMNS]
 BINS = ["subject_id", "bin", "count", "conf_sum", "pos_sum"]
 
 

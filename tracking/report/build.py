@@ -22,6 +22,7 @@ from tracking.report.analysis import analyse, pareto_by_weights, subject_table, 
 from tracking.report.dispersion import dispersion_table, subject_accuracy
 from tracking.report.document import ReportContext, report_markdown
 from tracking.report.errors import WarningLog, log
+from tracking.report.estimators import estimator_tables, estimators_markdown
 from tracking.report.fetch import (
     ArtifactReader,
     TrialSet,
@@ -37,6 +38,7 @@ from tracking.report.files import FILE_DESCRIPTIONS
 from tracking.report.registry import register_best
 from tracking.report.selection import Selection, pool_subjects, select_runs
 from tracking.report.tables import latex_table, markdown_table
+from tracking.report.train_time import train_time_markdown, train_time_tables
 from tracking.store import resolve_tracking_uri
 
 ARTIFACT_PATH = "report"
@@ -72,6 +74,8 @@ class ReportData:
     headline: pd.DataFrame = None  # tracking.report.headline's table
     slices: dict = None  # dataset → [SliceRow], for the slice figure
     headline_info: object = None  # tracking.report.headline.Headline (what was left out)
+    train_time: dict = None  # dataset → tracking.report.train_time's frame (train-time weights only)
+    estimators: dict = None  # dataset → tracking.report.estimators' frame (phantoms only)
 
 
 def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: str | None = None,
@@ -108,7 +112,8 @@ def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: 
         slices = _slice_rows(info.table, selections, reader)
     return ReportData(uri, client, trials, select_by, use_holm, tuple(selections), results,
                       dispersion_table(bins), {k: subject_accuracy(b) for k, b in bins.items()}, warn,
-                      info.table, slices, info)
+                      info.table, slices, info, train_time_tables(selections, tables, info.table),
+                      estimator_tables(selections, tables))
 
 
 def _slice_rows(headline: pd.DataFrame, selections, reader: ArtifactReader) -> dict:
@@ -203,8 +208,16 @@ def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, .
                                    reliability_figure(acc, ds, w)))
             files.append(write_png(out / names.fig3(ds, w), violin_figure(acc, ds, w)))
     files.append(write_csv(out / names.DISPERSION, dispersion))
+    train_time = data.train_time or {}
+    for ds, frame in train_time.items():
+        files.append(write_csv(out / names.train_time_csv(ds), frame))
+    estimators = data.estimators or {}
+    for ds, frame in estimators.items():
+        files.append(write_csv(out / names.estimators_csv(ds), frame))
+    questions = [train_time_markdown(train_time, names.train_time_csv),
+                 estimators_markdown(estimators, names.estimators_csv)]
     # report.md last, so that the warnings raised while writing are in it too.
     files.append(write_text(out / names.REPORT,
                             report_markdown(results, data.selections, dispersion, data.warn.messages, ctx,
-                                            data.headline, sorted(data.slices))))
+                                            data.headline, sorted(data.slices), questions)))
     return tuple(files)

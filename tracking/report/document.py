@@ -291,10 +291,13 @@ def headline_markdown(headline: pd.DataFrame, slice_datasets: Sequence[str] = ()
 
 def report_markdown(results: pd.DataFrame, selections: Sequence[Selection],
                     dispersion: pd.DataFrame, warnings: Sequence[str], ctx: ReportContext,
-                    headline: pd.DataFrame | None = None, slice_datasets: Sequence[str] = ()) -> str:
-    """The full report.md text: the headline answer first, then how it was computed."""
+                    headline: pd.DataFrame | None = None, slice_datasets: Sequence[str] = (),
+                    questions: Sequence[str] = ()) -> str:
+    """The full report.md text: the headline answer first, then the further questions' sections
+    (``questions``, already rendered: train-time or post hoc, which estimator tracks the truth),
+    then how it was computed."""
     parts = [_header(ctx), headline_markdown(headline, slice_datasets, ctx.trials.excluded, ctx.headline),
-             _rules(ctx, selections)]
+             *questions, _rules(ctx, selections)]
     for ds in sorted(results["dataset"].unique()):
         parts.append(_dataset_section(ds, results, selections, dispersion, ctx))
     parts += ["## Files", "", _md(["file", "content"], [[f"`{k}`", v] for k, v in ctx.files.items()])]

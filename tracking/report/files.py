@@ -11,9 +11,11 @@ REPORT = "report.md"
 FILE_DESCRIPTIONS = {
     RESULTS: "one row per dataset × weights × method: selected LR, subjects, mean Dice, mean ECE %, "
              "p vs best, bold, Pareto (docs/architecture.md, Report), then p vs base, protocol, "
-             "selection rule, p adjustment, true CE % on phantoms",
-    HEADLINE: "per dataset × weights: the base model's ECE % and true CE %, the best post hoc "
-              "method's (lowest ECE), and the Wilcoxon verdict against the base model",
+             "selection rule, p adjustment, intervals, and Brier, NLL, true ECE %, p*-distance %, "
+             "ECE bias when some run has them",
+    HEADLINE: "per dataset × weights: the base model against the calibrator chosen on val (lowest "
+              "mean val ECE or NLL), each metric's mean with its bootstrap interval and Wilcoxon p, "
+              "and the verdicts",
     "slices_<dataset>.png": "one test subject's slice: image, label, p*, base and best calibrated "
                             "probability, and their errors |p - p*|",
     "table_<dataset>.md": "Table 1/2: methods × weights × {Dice, ECE %}, bold cells (Markdown)",
@@ -27,6 +29,12 @@ FILE_DESCRIPTIONS = {
                                            "row per method",
     DISPERSION: "per dataset × weights × method × bin: spread (std, IQR) of subject accuracy, with "
                 "the base model's beside it",
+    "train_time_<dataset>.csv": "per train-time weights (focal, svls, ace): its base model against "
+                                "the best post hoc calibration of CE-SD chosen on val (Dice, ECE %, "
+                                "true ECE % with Wilcoxon p and n), and its own headline row",
+    "estimators_<dataset>.csv": "phantoms: per ECE estimator its bias and RMSE against the true ECE "
+                                "over subjects x methods, and Kendall's tau between the method "
+                                "rankings by the estimator and by the truth",
     REPORT: "this report",
 }
 
@@ -46,6 +54,14 @@ def table_tex(dataset: str) -> str:
 
 def pareto_csv(dataset: str) -> str:
     return f"pareto_{_safe(dataset)}.csv"
+
+
+def train_time_csv(dataset: str) -> str:
+    return f"train_time_{_safe(dataset)}.csv"
+
+
+def estimators_csv(dataset: str) -> str:
+    return f"estimators_{_safe(dataset)}.csv"
 
 
 def slices(dataset: str) -> str:
