@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from calib.loss_recipes import LOSS_PARAMS, loss_params  # noqa: F401  (re-exported: the stages use them)
+
 #: Smoothing of the soft Dice ratio; keeps an empty prediction of an empty label at loss 0.
 DICE_SMOOTH = 1e-7
 
@@ -215,14 +217,6 @@ def ace_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | No
 #: train-time calibration losses).
 LOSSES = {"ce": bce_loss, "sd": soft_dice_loss, "focal": focal_loss, "svls": svls_loss,
           "ace": ace_loss}
-#: Each loss's parameters with their defaults (a grid's ``losses.<name>`` overrides them).
-LOSS_PARAMS: dict[str, dict[str, Any]] = {
-    "ce": {}, "sd": {}, "focal": {"gamma": 2.0},
-    "svls": {"sigma": 1.0, "size": 3, "centre": "gaussian"},
-    "ace": {"weight": 1.0, "n_bins": 20},
-}
-
-
 def get_loss(name: str):
     """The loss function called ``name``; unknown names list the valid ones."""
     try:
@@ -231,20 +225,8 @@ def get_loss(name: str):
         raise ValueError(f"unknown loss {name!r}; valid choices: {sorted(LOSSES)}") from None
 
 
-def loss_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The defaults of loss ``name`` updated by ``params``; an unknown key lists the valid ones."""
-    get_loss(name)
-    resolved = dict(LOSS_PARAMS[name])
-    for key, value in (params or {}).items():
-        if key not in resolved:
-            valid = ", ".join(sorted(resolved)) or "none"
-            raise ValueError(f"loss {name!r}: unknown parameter {key!r}; valid: {valid}")
-        resolved[key] = value
-    return resolved
-
-
 def build_loss(name: str, params: Mapping[str, Any] | None = None) -> Callable[..., torch.Tensor]:
     """``loss(logits, labels, mask)`` for loss ``name`` with its parameters resolved."""
-    resolved = loss_params(name, params)
     fn = get_loss(name)
+    resolved = loss_params(name, params)
     return partial(fn, **resolved) if resolved else fn

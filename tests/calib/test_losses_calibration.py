@@ -105,3 +105,20 @@ def test_loss_params_defaults_and_unknown_key():
         loss_params("focal", {"sigma": 1.0})
     with pytest.raises(ValueError, match="valid choices"):
         build_loss("dice_focal")
+
+
+def test_loss_params_check_their_values_without_torch():
+    import subprocess
+    import sys
+
+    assert loss_params("svls", {"size": 5.0, "centre": "neighbours"})["size"] == 5
+    for params, expected in (({"gamma": -1}, "must be >= 0"), ({"gamma": "two"}, "must be a number"),
+                             ({"n_bins": 2.5}, "integer >= 1")):
+        name = "ace" if "n_bins" in params else "focal"
+        with pytest.raises(ValueError, match=f"loss '{name}': parameter .*{expected}"):
+            loss_params(name, params)
+    with pytest.raises(ValueError, match="centre' must be one of gaussian, neighbours"):
+        loss_params("svls", {"centre": "mean"})
+    code = "import sys, calib.loss_recipes; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
