@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from sweeps.config import GridConfig, GridError, Overrides, frozen_map, load_grid
+from sweeps.cost.devices import DEFAULT_DEVICE, EstimateError
 from sweeps.plan import Plan, expand
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
@@ -36,8 +37,9 @@ class LaunchOptions:
 
     grid: str
     dry_run: bool = False
-    estimate: bool = False  # with dry_run: GPU-hours and wall time (sweeps.estimate)
+    estimate: bool = False  # with dry_run: GPU-hours and wall time (sweeps.cost.estimate)
     gpus: int = 1
+    device: str = DEFAULT_DEVICE  # the roofline of the estimate without a throughput file
     throughput: Path | None = None
     resume: bool = False
     address: str | None = None
@@ -122,13 +124,16 @@ def _store_guard(uri: str, why: str) -> str:
 
 
 def _estimate(plan: Plan, opts: LaunchOptions, out: TextIO, err: TextIO) -> int:
-    from sweeps.estimate import EstimateError, estimate, estimate_text, measure_throughput, read_throughput
+    # torch (counting FLOPs) is imported only here: a launch without --estimate never needs it
+    from sweeps.cost.estimate import estimate, estimate_text
+    from sweeps.cost.model import CostModel
 
     try:
-        tput = read_throughput(opts.throughput, plan) if opts.throughput else measure_throughput(plan)
+        cost = CostModel.from_files([opts.throughput] if opts.throughput else [], device=opts.device)
+        result = estimate(plan, cost, opts.gpus)
     except EstimateError as exc:
         return _err(str(exc), err)
-    print(estimate_text(estimate(plan, tput, opts.gpus)), file=out, flush=True)
+    print(estimate_text(result), file=out, flush=True)
     return EXIT_OK
 
 

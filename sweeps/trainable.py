@@ -163,7 +163,7 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         schema.BEST_VAL_LOSS: float(result.best_val_loss),
         schema.N_SUBJECTS: float(per_subject["subject_id"].nunique()),
         schema.COMPUTE_SECONDS: float(seconds),
-        # the cost model's inputs (sweeps/simulate.py, --estimate): seconds per epoch run, and
+        # what a cost model can be checked against (sweeps/cost/): seconds per epoch run, and
         # the peak resident memory of the worker process while it ran this trial
         schema.PEAK_RSS_MB: peak_rss_mb(),
     }
