@@ -1,6 +1,6 @@
 """The paper plan on paper: makespan on 1, 4, 8 and 32 GPUs, waves vs a dependency-graph scheduler.
 
-Builds the paper plan with the real planner (``sweeps.config.load_grid("paper")`` and
+Builds the paper plan with the real planner (``sweeps.grid.load_grid("paper")`` and
 ``sweeps.plan.expand``: 490 trials, the paper's 310 and the methods beyond it), draws each trial's
 duration from ``sweeps.cost.model.CostModel`` (counted FLOPs per trial over the effective FLOP/s
 of ``--throughput FILE`` -- written by ``python bench/unet.py --json`` on the target device, one
@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import json_tail  # noqa: E402
-from sweeps.config import load_grid  # noqa: E402
+from sweeps.grid import load_grid  # noqa: E402
 from sweeps.cost.devices import DEFAULT_DEVICE, DEVICES  # noqa: E402
 from sweeps.cost.model import EPOCH_FRACTION, EPOCH_SPREAD, CostModel  # noqa: E402
 from sweeps.cost.schedule import POLICIES, simulate  # noqa: E402

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 import sys
 
-from sweeps.config import DATA_ROOT_ENV, SEARCHES, builtin_grids
+from sweeps.grid import DATA_ROOT_ENV, SEARCHES, builtin_grids
 from sweeps.cost.devices import DEFAULT_DEVICE, DEVICES
 from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeps.config import DatasetSpec, GridConfig
+from sweeps.grid import DatasetSpec, GridConfig
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TextIO
 
-from sweeps.config import GridConfig, Resources
+from sweeps.grid import GridConfig, Resources
 from sweeps.plan import Plan, TrialSpec
 from sweeps.trainable import ERROR_METRIC, RUN_ID_METRIC, STATUS_METRIC, TrialContext, run_trial, trial_tags
 from tracking import schema

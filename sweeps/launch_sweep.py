@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from sweeps.config import GridConfig, GridError, Overrides, frozen_map, load_grid
+from sweeps.grid import GridConfig, GridError, Overrides, frozen_map, load_grid
 from sweeps.cost.devices import DEFAULT_DEVICE, EstimateError
 from sweeps.plan import Plan, expand
 

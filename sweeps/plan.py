@@ -23,12 +23,19 @@ import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from calib.methods.recipes import RECIPES
+from calib.schedule import TrainConfig
 from calib.vocabulary import (BASE, CALIBRATE, EXTERNAL_WEIGHTS, PREDICTIONS_KIND, PRETRAIN,
-                              PRETRAINED_WEIGHTS)
-from sweeps.config import GridConfig, Resources, method_params, resolved_method_params
+                              PRETRAINED_WEIGHTS, STAGES)
+from sweeps.grid import (GridConfig, Resources, SplitSettings, calibrate_train_config, method_params,
+                         resolved_method_params)
+
+if TYPE_CHECKING:
+    from calib.nets import UNetConfig
 
 KEY_VERSION = 1
 KEY_LENGTH = 20  # hex digits (80 bits): no collision in any realistic experiment, still readable
@@ -44,7 +51,10 @@ def trial_key(payload: dict) -> str:
 class TrialSpec:
     """One trial: what to run, its key, its upstream trial and its resources.
 
-    ``config`` is the payload the key hashes (logged as the trial's resolved config). For a trial
+    ``config`` is the payload the key hashes (logged as the trial's resolved config); ``train``
+    (the stage's TrainConfig; None for scoring another network's predictions), ``split`` and
+    ``net`` (None for another network's predictions) are the typed settings the stage runs with,
+    built from the same grid values. For a trial
     whose LR an Optuna search picks, ``lr`` is None until the searcher fills it (``with_lr``) and
     ``search_group`` names the trials that share one search (dataset, weights, fold, method).
     """
@@ -61,6 +71,9 @@ class TrialSpec:
     wave: int
     resources: Resources
     config: dict
+    train: TrainConfig | None = None
+    split: SplitSettings = field(default_factory=SplitSettings)
+    net: UNetConfig | None = None
     search: str = "grid"
     sample: int | None = None
     search_group: str | None = None
@@ -85,7 +98,13 @@ class TrialSpec:
         return dataclasses.replace(self, lr=lr, params=dict(self.params, lr=lr),
                                    config=dict(self.config, lr=lr))
 
+    @property
+    def external(self) -> bool:
+        """A trial on another network's predictions (a ``kind: predictions`` dataset)."""
+        return self.weights == EXTERNAL_WEIGHTS
+
     def to_dict(self) -> dict:
+        """JSON-able, for Ray Tune's trial configs; :meth:`from_dict` reads it back."""
         d = dataclasses.asdict(self)
         d["resources"] = {"cpu": self.resources.cpu, "gpu": self.resources.gpu}
         return d
@@ -94,6 +113,11 @@ class TrialSpec:
     def from_dict(cls, d: dict) -> "TrialSpec":
         d = dict(d)
         d["resources"] = Resources(**d["resources"])
+        d["split"] = SplitSettings(**d["split"])
+        if d.get("train") is not None:
+            d["train"] = TrainConfig(**d["train"])
+        if d.get("net") is not None:
+            d["net"] = _unet_config(d["net"])
         return cls(**d)
 
 
@@ -111,13 +135,6 @@ class Plan:
             dup = [k for k, n in Counter(t.key for t in self.trials).items() if n > 1]
             raise ValueError(f"two trials share key {dup[0]}: the grid repeats a point")
 
-    def waves(self) -> list[list[TrialSpec]]:
-        """Trials grouped by dependency depth; every trial's upstream is in an earlier wave."""
-        out: dict[int, list[TrialSpec]] = {}
-        for t in self.trials:
-            out.setdefault(t.wave, []).append(t)
-        return [out[w] for w in sorted(out)]
-
     def counts(self) -> Counter:
         """Trials per (stage, method)."""
         return Counter((t.stage, t.method) for t in self.trials)
@@ -134,9 +151,16 @@ class Plan:
 
 # ---- resolution of the science configs (calib owns the classes) ---------------------------------
 
-def net_config(grid: GridConfig, dataset: str):
-    """The calib.nets.UNetConfig of ``dataset`` under the grid's network preset."""
+def _unet_config(d: dict) -> "UNetConfig":
+    # calib.nets imports torch: deferred to where a network is planned or run, never to read a grid
     from calib.nets import UNetConfig
+
+    return UNetConfig(**{**d, "features": tuple(tuple(level) for level in d["features"])})
+
+
+def net_config(grid: GridConfig, dataset: str) -> "UNetConfig":
+    """The calib.nets.UNetConfig of ``dataset`` under the grid's network preset."""
+    from calib.nets import UNetConfig  # torch: see _unet_config
 
     paper = UNetConfig.paper(dataset)
     if grid.network.preset == "paper":
@@ -150,6 +174,8 @@ def net_config(grid: GridConfig, dataset: str):
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump()
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -200,6 +226,13 @@ def _folds_digest(grid: GridConfig, dataset: str) -> str | None:
 
 # ---- expansion -----------------------------------------------------------------------------------
 
+def _train_config(stage: str, settings: dict) -> TrainConfig | None:
+    """The TrainConfig a trial of ``stage`` runs with (None: nothing trains, an import's score)."""
+    if not settings:
+        return None
+    return calibrate_train_config(settings) if stage == CALIBRATE else TrainConfig(**settings)
+
+
 def expand(grid: GridConfig) -> Plan:
     """The grid's trials in dependency order (module doc); counts are exact, nothing is sampled."""
     trials: list[TrialSpec] = []
@@ -209,14 +242,14 @@ def expand(grid: GridConfig) -> Plan:
     def resolved(m, weights, lr):
         k = (m.name, weights, lr)
         if k not in resolved_cache:
-            resolved_cache[k] = resolved_method_params(m, weights, lr, grid.training[CALIBRATE],
-                                                       grid.seed)
+            resolved_cache[k] = resolved_method_params(m, weights, lr,
+                                                       grid.training[CALIBRATE].settings(grid.seed))
         return resolved_cache[k]
 
     for dataset in grid.datasets:
         ds = dataset.name
         external = dataset.predictions is not None
-        net = None if external else _jsonable(net_config(grid, ds))
+        net = None if external else net_config(grid, ds)
         data = _data_payload(grid, ds)
 
         def make(stage, weights, method, fold, lr, params, upstream, wave, train, resolved_params,
@@ -224,7 +257,7 @@ def expand(grid: GridConfig) -> Plan:
             payload = {"version": KEY_VERSION, "stage": stage, "dataset": ds, "weights": weights,
                        "method": method, "fold": fold, "lr": lr,
                        "params": _jsonable(resolved_params), "train": _jsonable(train),
-                       "net": net, "data": data, "seed": grid.seed, "upstream": upstream}
+                       "net": _jsonable(net), "data": data, "seed": grid.seed, "upstream": upstream}
             group = None
             if sample is not None:
                 payload["search"] = {"kind": "optuna", "sample": sample, "lr_low": search.lr_low,
@@ -233,16 +266,15 @@ def expand(grid: GridConfig) -> Plan:
             t = TrialSpec(key=trial_key(payload), stage=stage, dataset=ds, weights=weights,
                           method=method, fold=fold, lr=lr, params=dict(params), upstream=upstream,
                           wave=wave, resources=grid.execution.resources_for(stage, method),
-                          config=payload, search="optuna" if sample is not None else "grid",
+                          config=payload, train=_train_config(stage, train), split=grid.split,
+                          net=net, search="optuna" if sample is not None else "grid",
                           sample=sample, search_group=group)
             trials.append(t)
             return t
 
         # Pretrain / base LRs live in their training config: only calibration has an LR axis.
         # The network's L2 penalty goes with it into every stage that trains U-Net layers.
-        decay = grid.network.weight_decay_for(ds)
-        train = {s: dict(grid.training[s], seed=grid.seed, **({"weight_decay": decay} if decay else {}))
-                 for s in grid.training}
+        train = {s: grid.stage_settings(s, ds) for s in STAGES}
         if external:
             _expand_external(grid, make, resolved, train)
             continue

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from calib.methods.recipes import RECIPES
+from calib.vocabulary import BASE, PRETRAIN
 from sweeps.plan import TrialSpec
 from tracking import schema
 
@@ -24,26 +26,11 @@ LOGITS_ARTIFACT = schema.LOGITS_DIR
 
 def upstream_needs(spec: TrialSpec) -> tuple[str, ...]:
     """Which upstream artifacts ``spec`` reads: base weights and/or the exported base logits."""
-    if spec.upstream is None or is_external(spec):
+    if spec.upstream is None or spec.external:
         return ()  # an import's logits are in its prepared cache, on the shared volume
-    if spec.stage == "base":
+    if spec.stage == BASE:
         return (WEIGHTS_ARTIFACT,)
-    from calib.methods import get_method
-
-    return (LOGITS_ARTIFACT,) if get_method(spec.method).uses == "logits" else (WEIGHTS_ARTIFACT,)
-
-
-def is_external(spec: TrialSpec) -> bool:
-    """True for a trial on another network's predictions (a ``kind: predictions`` dataset)."""
-    return spec.config["data"].get("kind") == "predictions"
-
-
-def _net_config(spec: TrialSpec):
-    from calib.nets import UNetConfig
-
-    net = dict(spec.config["net"])
-    net["features"] = tuple(tuple(level) for level in net["features"])
-    return UNetConfig(**net)
+    return (LOGITS_ARTIFACT,) if RECIPES[spec.method].uses == "logits" else (WEIGHTS_ARTIFACT,)
 
 
 def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[str, Path],
@@ -51,37 +38,31 @@ def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[
     """Run the stage of ``spec`` in ``work_dir`` (resuming from ``work_dir/checkpoint.pt``).
 
     ``data``: :meth:`PreparedData.to_dict` of the trial's dataset; ``upstream``: local paths of
-    the artifacts :func:`upstream_needs` named.
+    the artifacts :func:`upstream_needs` named. The stage trains with ``spec.train`` on the split
+    ``spec.split`` describes; calibrate trials take their LR from ``spec.params``.
     """
-    from calib.stages import make_split, run_base, run_calibrate, run_pretrain
-    from calib.training import TrainConfig
+    # the science (torch, MONAI) loads in the worker that runs a trial, not in the driver
+    from calib.stages import make_split, run_base, run_calibrate, run_imported, run_pretrain
 
-    cfg = spec.config
+    s = spec.split
     folds = {int(k): list(v) for k, v in data["folds"].items()}
-    split = make_split(Path(data["cache_dir"]), folds, spec.fold, protocol=cfg["data"]["protocol"],
-                       seed=cfg["seed"], val_fraction=cfg["data"]["val_fraction"],
-                       calib_fraction=cfg["data"].get("calib_fraction", 0.2))
-    if is_external(spec):  # another network's predictions: their logits are the prepared cache's
+    split = make_split(Path(data["cache_dir"]), folds, spec.fold, protocol=s.protocol, seed=s.seed,
+                       val_fraction=s.val_fraction, calib_fraction=s.calib_fraction)
+    if spec.external:  # another network's predictions: their logits are the prepared cache's
         from calib.data.predictions import logits_dir
-        from calib.stages import run_imported
 
         logits = logits_dir(data["cache_dir"])
-        if spec.stage == "base":
+        if spec.stage == BASE:
             return run_imported(split, logits, work_dir)
-        schedule = TrainConfig(**{"lr": spec.params.get("lr", 1e-3), "max_epochs": 1, **cfg["train"]})
-        return run_calibrate(spec.method, spec.params, spec.weights, None, schedule, split,
+        return run_calibrate(spec.method, spec.params, spec.weights, None, spec.train, split,
                              base_weights=None, base_logits=logits, work_dir=work_dir, device=device,
                              callbacks=callbacks)
-    net_cfg = _net_config(spec)
-    if spec.stage == "pretrain":
-        return run_pretrain(net_cfg, TrainConfig(**cfg["train"]), split, work_dir, device, callbacks)
-    if spec.stage == "base":
-        return run_base(spec.weights, net_cfg, TrainConfig(**cfg["train"]), split, work_dir, device,
+    if spec.stage == PRETRAIN:
+        return run_pretrain(spec.net, spec.train, split, work_dir, device, callbacks)
+    if spec.stage == BASE:
+        return run_base(spec.weights, spec.net, spec.train, split, work_dir, device,
                         init_weights=upstream.get(WEIGHTS_ARTIFACT), callbacks=callbacks)
-    # The calibrate schedule (epochs, patience, factor, seed); the LR here is a placeholder the
-    # method replaces with its recipe's or the trial's (``spec.params["lr"]``).
-    schedule = TrainConfig(**{"lr": spec.params.get("lr", 1e-3), "max_epochs": 1, **cfg["train"]})
-    return run_calibrate(spec.method, spec.params, spec.weights, net_cfg, schedule, split,
+    return run_calibrate(spec.method, spec.params, spec.weights, spec.net, spec.train, split,
                          base_weights=upstream.get(WEIGHTS_ARTIFACT),
                          base_logits=upstream.get(LOGITS_ARTIFACT), work_dir=work_dir,
                          device=device, callbacks=callbacks)

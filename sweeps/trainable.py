@@ -71,7 +71,7 @@ def trial_tags(spec: TrialSpec) -> dict[str, str]:
     """The tags of a trial run (docs/architecture.md, "Trial run"; role, key and parent are added by TrialRun.open)."""
     tags = {schema.STAGE: spec.stage, schema.DATASET: spec.dataset, schema.WEIGHTS: spec.weights,
             schema.METHOD: spec.method, schema.FOLD: str(spec.fold), schema.LR: spec.lr_tag,
-            schema.PROTOCOL: spec.config["data"]["protocol"]}
+            schema.PROTOCOL: spec.split.protocol}
     if spec.upstream:
         tags[schema.UPSTREAM_KEY] = spec.upstream
     if spec.search == "optuna":

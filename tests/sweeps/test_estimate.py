@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sweeps.config import load_grid
+from sweeps.grid import load_grid
 from sweeps.cost.devices import EstimateError, read_throughput
 from sweeps.cost.estimate import estimate, makespan
 from sweeps.cost.model import CostModel as Throughput, trial_seconds

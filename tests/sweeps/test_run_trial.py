@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from sweep_helpers import tiny_grid
 
-from sweeps.config import load_grid
+from sweeps.grid import load_grid
 from sweeps.execute import ExecutionSettings, Executor
 from sweeps.graph import TrialGraph
 from sweeps.plan import expand

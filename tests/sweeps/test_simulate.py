@@ -156,7 +156,7 @@ def test_epochs_stay_within_the_schedule():
 
 
 def test_tasks_of_a_real_plan(tmp_path):
-    from sweeps.config import load_grid
+    from sweeps.grid import load_grid
     from sweeps.plan import expand
 
     plan = expand(load_grid("demo", require_data=False, cwd=tmp_path))

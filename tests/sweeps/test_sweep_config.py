@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sweeps.cli import main, parse_data_roots
-from sweeps.config import GridError, Overrides, load_grid
+from sweeps.grid import GridError, Overrides, load_grid
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from ray.tune.search import Searcher
 
-from sweeps.config import Overrides, load_grid
+from sweeps.grid import Overrides, load_grid
 from sweeps.graph import GraphSearcher, TrialGraph
 from sweeps.plan import expand
 from sweeps.search import PlanSearcher

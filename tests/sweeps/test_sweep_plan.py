@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.config import Overrides, load_grid
+from sweeps.grid import Overrides, load_grid
 from sweeps.plan import expand
 from sweeps.search import PlanSearcher
 
@@ -53,7 +53,8 @@ def test_paper_counts_and_dependencies(paper):
             assert up.stage == "base" and (up.dataset, up.fold, up.weights) == (t.dataset, t.fold, t.weights)
         if up is not None:
             assert up.wave < t.wave
-    waves = paper.waves()
+    # trials grouped by dependency depth (Plan.waves(), a leftover used only here, is gone)
+    waves = [[t for t in paper.trials if t.wave == w] for w in sorted({t.wave for t in paper.trials})]
     seen = set()
     for wave in waves:
         assert all(t.upstream is None or t.upstream in seen for t in wave)
@@ -73,7 +74,7 @@ def test_conditional_learning_rates(paper):
 
 
 def test_keys_are_stable_across_processes(paper):
-    code = ("from sweeps.config import load_grid; from sweeps.plan import expand; "
+    code = ("from sweeps.grid import load_grid; from sweeps.plan import expand; "
             "print('\\n'.join(t.key for t in expand(load_grid('paper', require_data=False, env={})).trials))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"})
