@@ -16,7 +16,7 @@ from collections import defaultdict
 
 from calib.vocabulary import STAGES
 from sweeps.cost.flops import net_flops
-from sweeps.cost.model import LOGIT_FLOPS_PER_VOXEL, CostModel, net_config
+from sweeps.cost.model import LOGIT_FLOPS_PER_VOXEL, CostModel
 from sweeps.cost.schedule import Task, simulate
 
 
@@ -51,12 +51,9 @@ def estimate(plan, cost: CostModel, gpus: int = 1) -> dict:
         row["start_hours"] = min(row["start_hours"], schedule.start[t.key] / 3600)
         row["end_hours"] = max(row["end_hours"], schedule.end[t.key] / 3600)
     shape = tuple(plan.grid.preprocessing.shape)
-    flops = {}
-    for d in plan.grid.datasets:
-        cfg = net_config(plan.grid, d.name)
-        if cfg is not None:
-            f = net_flops(cfg, shape)
-            flops[d.name] = {"forward": f.forward, "train_step": f.train_step}
+    nets = {t.dataset: t.net for t in plan.trials if t.net is not None}  # one network per dataset
+    flops = {d: {"forward": f.forward, "train_step": f.train_step}
+             for d, f in ((d, net_flops(net, shape)) for d, net in nets.items())}
     return {"stages": {s: dict(per_stage[s]) for s in STAGES if s in per_stage},
             "gpu_hours": sum(r["gpu_hours"] for r in per_stage.values()),
             "wall_hours": schedule.makespan / 3600, "gpus": gpus, "source": cost.source,

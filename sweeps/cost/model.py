@@ -39,6 +39,7 @@ from sweeps.cost.devices import (DEFAULT_DEVICE, PAPER_SHAPE, EstimateError, Mea
                                  read_throughput, roofline)
 from sweeps.cost.flops import NetFlops, net_flops
 from sweeps.cost.schedule import Task
+from sweeps.grid import SplitSettings
 
 #: Expected epochs run / max_epochs under early stopping (6 epochs without improvement), and the
 #: half-width of the uniform draw around it. An assumption (the paper reports no epoch counts):
@@ -54,21 +55,6 @@ OTHER_SUBJECTS = 100
 #: memory- and loader-bound, about 1/100 of the paper net's training step per voxel (1.5e6 FLOPs),
 #: the ratio both earlier cost models of this project assumed.
 LOGIT_FLOPS_PER_VOXEL = 1.5e4
-
-
-@dataclass(frozen=True)
-class SplitSettings:
-    """How a fold is split into train / val / calib / test (calib.stages.make_split)."""
-
-    protocol: str = "honest"
-    n_folds: int = 5
-    seed: int = 0
-    val_fraction: float = 0.2
-    calib_fraction: float = 0.2
-
-    @classmethod
-    def of_grid(cls, grid) -> "SplitSettings":
-        return cls(grid.protocol, grid.folds.n_folds, grid.seed, grid.val_fraction, grid.calib_fraction)
 
 
 def split_sizes(n_subjects: int, split: SplitSettings, fold: int = 0) -> dict[str, int]:
@@ -92,19 +78,23 @@ class Work:
     min_epochs: int
 
 
-def _epochs_of(schedule: Mapping) -> tuple[int, int]:
-    """(max_epochs, min_epochs) of a schedule: early stopping needs its patience + 1 epochs."""
-    top = int(schedule["max_epochs"])
-    patience = int(schedule.get("early_stop_patience", TrainConfig.early_stop_patience))
+def _epochs_of(schedule: Mapping | TrainConfig) -> tuple[int, int]:
+    """(max_epochs, min_epochs) of a TrainConfig or a method's resolved parameters: early
+    stopping needs its patience + 1 epochs."""
+    if isinstance(schedule, TrainConfig):
+        top, patience = schedule.max_epochs, schedule.early_stop_patience
+    else:
+        top = int(schedule["max_epochs"])
+        patience = int(schedule.get("early_stop_patience", TrainConfig.early_stop_patience))
     return top, min(top, patience + 1)
 
 
-def stage_work(stage: str, method: str, params: Mapping, schedule: Mapping, flops: NetFlops | None,
+def stage_work(stage: str, method: str, params: Mapping, schedule: TrainConfig | None, flops: NetFlops | None,
                sizes: Mapping[str, int], voxels: int, protocol: str) -> Work:
     """The FLOPs of one trial of ``stage`` / ``method`` (module doc).
 
     ``params``: the method's resolved parameters; ``schedule``: the stage's training settings
-    (``max_epochs``, ``early_stop_patience``); ``flops``: the network's passes (None for another
+    (None where nothing trains); ``flops``: the network's passes (None for another
     network's predictions: no network runs); ``sizes``: :func:`split_sizes`.
     """
     scored = sizes["test"] + (sizes["val"] if protocol != "paper" else 0)
@@ -136,15 +126,6 @@ def stage_work(stage: str, method: str, params: Mapping, schedule: Mapping, flop
                 *epochs)
 
 
-def net_config(grid, dataset: str) -> UNetConfig | None:
-    """The network of ``dataset``'s trials under the grid (None for another network's predictions)."""
-    if grid.dataset(dataset).predictions is not None:
-        return None
-    from sweeps.plan import net_config as planned  # the planner owns the grid -> net rule
-
-    return planned(grid, dataset)
-
-
 def plan_subjects(plan) -> dict[str, int]:
     """Subjects per dataset of a plan: the phantom spec's, else the dataset's as distributed."""
     return {d.name: d.phantom.subjects if d.phantom else DATASET_SUBJECTS.get(d.name, OTHER_SUBJECTS)
@@ -153,13 +134,11 @@ def plan_subjects(plan) -> dict[str, int]:
 
 def trial_work(t, plan, n_subjects: int) -> Work:
     """The :class:`Work` of trial ``t`` of ``plan`` when its dataset has ``n_subjects``."""
-    grid = plan.grid
-    shape = tuple(grid.preprocessing.shape)
-    cfg = net_config(grid, t.dataset)
-    flops = None if cfg is None else net_flops(cfg, shape)
-    sizes = split_sizes(n_subjects, SplitSettings.of_grid(grid), t.fold)
-    return stage_work(t.stage, t.method, t.config["params"], t.config["train"], flops, sizes,
-                      math.prod(shape), grid.protocol)
+    shape = tuple(plan.grid.preprocessing.shape)
+    flops = None if t.net is None else net_flops(t.net, shape)
+    sizes = split_sizes(n_subjects, t.split, t.fold)
+    return stage_work(t.stage, t.method, t.config["params"], t.train, flops, sizes, math.prod(shape),
+                      t.split.protocol)
 
 
 def expected_epochs(work: Work, fraction: float = EPOCH_FRACTION) -> float:
@@ -262,7 +241,7 @@ class CostModel:
                     **params) -> Work:
         stage = method if method in (PRETRAIN, BASE) else CALIBRATE
         resolved = {} if stage != CALIBRATE else resolve(method, params, "CE")
-        schedule = {"max_epochs": 1} if stage != CALIBRATE else resolved
+        schedule = TrainConfig(lr=1e-3, max_epochs=1)  # per-epoch and fixed work need no epochs
         n = (self.subjects or DATASET_SUBJECTS)[dataset]
         sizes = split_sizes(n, SplitSettings(n_folds=n_folds, val_fraction=val_fraction))
         return stage_work(stage, method, resolved, schedule, _paper_flops(dataset), sizes,

@@ -44,7 +44,7 @@ def _write(writer: str, args: dict) -> Path:
         return Path(args["out"])
     if writer == "data_prep":
         from sweeps.grid import DatasetSpec, PhantomSpec
-        from sweeps.data_prep import ensure_phantoms
+        from sweeps.run.data_prep import ensure_phantoms
 
         # one subject, below a grid file's minimum: built unchecked, as the sweep's own writer sees it
         ensure_phantoms(DatasetSpec("brats18", Path(args["out"]),

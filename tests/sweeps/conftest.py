@@ -12,7 +12,7 @@ from sweep_helpers import ISLES_PHANTOM, PHANTOM
 def phantom_root(tmp_path_factory) -> Path:
     """A data root holding brats18/ and isles18/ phantoms (written as the sweep would)."""
     from sweeps.grid import DatasetSpec, PhantomSpec
-    from sweeps.data_prep import ensure_phantoms
+    from sweeps.run.data_prep import ensure_phantoms
 
     root = tmp_path_factory.mktemp("phantoms")
     for name, ph in (("brats18", PHANTOM), ("isles18", ISLES_PHANTOM)):

@@ -142,9 +142,9 @@ def test_paper_dry_run_counts_without_data_or_ray(tmp_path):
 def test_unreachable_tracking_server_exits_2_before_ray(tmp_path, capsys, monkeypatch):
     import socket
 
-    import sweeps.execute
+    import sweeps.run.cluster
 
-    monkeypatch.setattr(sweeps.execute, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(sweeps.run.cluster, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
     monkeypatch.chdir(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

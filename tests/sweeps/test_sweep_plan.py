@@ -12,7 +12,7 @@ import yaml
 
 from sweeps.grid import Overrides, load_grid
 from sweeps.plan import expand
-from sweeps.search import PlanSearcher
+from sweeps.plan.search import PlanSearcher
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,14 +121,11 @@ def test_optuna_keeps_the_budget(tmp_path):
 
 def test_plan_searcher_one_sample_per_group_at_a_time():
     plan = expand(load_grid("paper", Overrides(search="optuna"), require_data=False, env={}))
+    # the Optuna samples of one base model (the graph scheduler runs the other trials itself)
     wave = [t for t in plan.trials if t.dataset == "brats18" and t.fold == 0 and t.weights == "SD"
-            and t.stage == "calibrate"]
+            and t.stage == "calibrate" and t.search == "optuna"]
     searcher = PlanSearcher(wave, 1e-5, 1e-3, seed=0,
                             prior={"brats18/SD/mc_center/fold0": [(1e-4, 0.3)]})
-    n_fixed = sum(t.search != "optuna" for t in wave)
-    fixed = [searcher.suggest(f"f{i}") for i in range(n_fixed)]
-    assert [s["spec"]["method"] for s in fixed] == ["platt", "auxiliary", "finetune", "temperature",
-                                                    "lts", "beta", "histogram_binning", "isotonic", "tta"]
     a, b = searcher.suggest("a"), searcher.suggest("b")
     assert {a["spec"]["method"], b["spec"]["method"]} == {"mc_decoder", "mc_center"}
     assert searcher.suggest("c") is None  # both searches wait for their sample
@@ -150,7 +147,7 @@ def test_plan_searcher_one_sample_per_group_at_a_time():
 
 
 def test_resource_problems_name_what_cannot_fit(paper):
-    from sweeps.execute import resource_problems
+    from sweeps.run.cluster import resource_problems
 
     problems = resource_problems(paper.trials, {"CPU": 16.0})
     text = "; ".join(problems)

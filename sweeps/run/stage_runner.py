@@ -1,7 +1,7 @@
 """The one place the sweep calls the science: a TrialSpec -> a calib.stages function call.
 
-Everything a stage needs is in the trial spec (resolved configs, the payload of its key), the
-prepared dataset (cache folder and folds) and the upstream artifacts the trial downloaded, so the
+Everything a stage needs is in the trial spec (its TrainConfig, split settings, network and
+method parameters), the prepared dataset (cache folder and folds) and the upstream artifacts the trial downloaded, so the
 call is the same on any node. Tests swap this function for a fake through the trial context.
 """
 
@@ -11,9 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from calib.data.predictions import logits_dir
 from calib.methods.recipes import RECIPES
 from calib.vocabulary import BASE, PRETRAIN
-from sweeps.plan import TrialSpec
+from sweeps.plan.trials import TrialSpec
 from tracking import schema
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[
     the artifacts :func:`upstream_needs` named. The stage trains with ``spec.train`` on the split
     ``spec.split`` describes; calibrate trials take their LR from ``spec.params``.
     """
-    # the science (torch, MONAI) loads in the worker that runs a trial, not in the driver
+    # The science (torch, MONAI: seconds to import) loads in the worker that runs a trial; the
+    # driver imports this module to plan (upstream_needs) and never runs a stage.
     from calib.stages import make_split, run_base, run_calibrate, run_imported, run_pretrain
 
     s = spec.split
@@ -49,8 +51,6 @@ def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[
     split = make_split(Path(data["cache_dir"]), folds, spec.fold, protocol=s.protocol, seed=s.seed,
                        val_fraction=s.val_fraction, calib_fraction=s.calib_fraction)
     if spec.external:  # another network's predictions: their logits are the prepared cache's
-        from calib.data.predictions import logits_dir
-
         logits = logits_dir(data["cache_dir"])
         if spec.stage == BASE:
             return run_imported(split, logits, work_dir)
