@@ -29,10 +29,7 @@ Figures: ``loader_volumes_per_s`` (the default worker count of the device, ``def
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,16 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import device_name, json_tail, time_steps  # noqa: E402  (the step bench/unet.py times)
 from calib.data import load_subject, preprocess_dataset, read_meta, write_phantoms  # noqa: E402
 from calib.atomic_io import save_npz, write_json  # noqa: E402
 from calib.data.batches import VolumeBatches, default_workers  # noqa: E402
 from calib.nets import UNet3D, UNetConfig  # noqa: E402
-
-# bench/unet.py's step and timing, so the two benches time the same thing.
-_spec = importlib.util.spec_from_file_location("bench_unet", Path(__file__).with_name("unet.py"))
-_unet = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_unet)
-time_steps = _unet.time_steps
 
 
 def old_loader_epoch(cache_dir: Path, ids: list[str], batch_size: int, seed: int, epoch: int):
@@ -169,8 +161,7 @@ def main(argv=None) -> int:
     old_name = next(iter(loaders))
     new_name = next(n for n in loaders if n.startswith(f"new (raw reads, {default_w} workers"))
     result = {
-        "device": torch.cuda.get_device_name(device) if cuda else
-        f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        "device": device_name(device),
         "subjects": args.subjects, "epoch_volumes": args.epoch_volumes, "batch": args.batch,
         "shape": list(shape), "step_shape": list(step_shape), "steps": steps,
         "volume_mb": 4 * int(np.prod(shape)) * 4 / 1e6,
@@ -197,8 +188,7 @@ def main(argv=None) -> int:
           f"({step_s:.3f} s per step of {args.batch})")
     print(f"  loader_vs_step_ratio {result['loader_vs_step_ratio']:.1f}   "
           f"new_vs_old_loader_ratio {result['new_vs_old_loader_ratio']:.1f}   (default workers: {default_w})")
-    if args.json:
-        print(json.dumps(result))
+    json_tail(result, args.json)
     return 0
 
 

@@ -21,9 +21,6 @@ the network is the paper's BraTS U-Net unless ``--net tiny``. ``python bench/met
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +32,7 @@ from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import json_tail, machine  # noqa: E402
 from calib.data.batches import SliceBatches  # noqa: E402
 from calib.logits import write_subject_logits  # noqa: E402
 from calib.methods import build_method  # noqa: E402
@@ -176,7 +174,7 @@ def main(argv=None) -> int:
     net = UNet3D(cfg).eval()
     shape = tuple(args.shape)
     subjects = make_subjects(args.subjects, shape, cfg.in_channels, seed=0)
-    figures = {"device": "cpu", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    figures = {"device": "cpu", "machine": machine(),
                "torch_threads": args.threads, "net": args.net, "parameters": count_parameters(net),
                "shape": list(shape), "subjects": args.subjects, "platt_epochs": args.epochs,
                "mc_samples": args.samples, "timing": "min over repeats of process CPU seconds"}
@@ -195,8 +193,7 @@ def main(argv=None) -> int:
                         ("mc_center_prefix_speedup", 1.3)):
         verdict = "meets" if figures[key] >= target else "misses"
         print(f"{key} = {figures[key]:.2f}x {verdict} the target >= {target}x")
-    if args.json:
-        print(json.dumps(figures))
+    json_tail(figures, args.json)
     return 0
 
 

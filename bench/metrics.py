@@ -14,9 +14,6 @@ line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import json_tail, machine  # noqa: E402
 from calib.metrics import ece, reliability_bins  # noqa: E402
 
 
@@ -108,8 +106,7 @@ def main(argv=None) -> int:
         "ece_seconds": ours_s,
         "numpy_reference_seconds": ref_s,
         "ece_speedup_vs_numpy": ref_s / ours_s,
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_implementation()} "
-                   f"{platform.python_version()}, numpy {np.__version__}",
+        "machine": f"{machine()}, numpy {np.__version__}",
     }
     try:
         import torch
@@ -137,8 +134,7 @@ def main(argv=None) -> int:
         print(f"  {'calib.metrics.ece (CUDA tensors)':34s} {result['ece_cuda_seconds'] * 1000:9.1f} ms   "
               f"x{result['ece_cuda_speedup_vs_numpy']:.2f}")
     print(f"  ECE {ours_value:.10f}, |difference| {diff:.1e}; {result['machine']}")
-    if args.json:
-        print(json.dumps(result))
+    json_tail(result, args.json)
     return 0
 
 

@@ -1,11 +1,12 @@
 """The paper plan on paper: makespan on 1, 4, 8 and 32 GPUs, waves vs a dependency-graph scheduler.
 
-Builds the paper plan with the real planner (``sweeps.config.load_grid("paper")`` and
-``sweeps.plan.expand``: 490 trials, the paper's 310 and the methods beyond it), draws each trial's duration from ``sweeps.cost_model.CostModel``
-(per-epoch seconds from ``--throughput FILE`` -- written by ``python bench/unet.py --json`` on the
-target device, one per dataset at most -- else from the documented defaults; epochs around
-``--epoch-fraction`` x the grid's ``max_epochs``), and simulates, with the fractional GPU shares
-of the grid's ``resources:``,
+Builds the paper plan with the real planner (``sweeps.grid.load_grid("paper")`` and
+``sweeps.plan.expand``: 490 trials, the paper's 310 and the methods beyond it), draws each trial's
+duration from ``sweeps.cost.model.CostModel`` (counted FLOPs per trial over the effective FLOP/s
+of ``--throughput FILE`` -- written by ``python bench/unet.py --json`` on the target device, one
+per dataset at most -- else of the ``--device`` roofline; epochs around ``--epoch-fraction`` x
+each trial's ``max_epochs``), and simulates, with the fractional GPU shares of the grid's
+``resources:``,
 
 * ``waves``: every trial of a dependency wave ends before the next wave starts (one Tuner per
   wave, what sweeps/execute.py did), Tune's FIFO order inside a wave;
@@ -17,23 +18,24 @@ Figures per GPU count and policy: makespan, utilisation (GPU work / (makespan x 
 physical limit; target for ``graph`` on 8 GPUs: <= 1.15. ``--json``: the last line is one JSON
 object.
 
-    python bench/schedule.py [--json] [--throughput FILE ...] [--gpus 1 4 8 32] [--seed 0]
+    python bench/schedule.py [--json] [--device h100] [--throughput FILE ...] [--gpus 1 4 8 32] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.config import load_grid  # noqa: E402
+from bench._common import json_tail  # noqa: E402
+from sweeps.grid import load_grid  # noqa: E402
+from sweeps.cost.devices import DEFAULT_DEVICE, DEVICES  # noqa: E402
+from sweeps.cost.model import EPOCH_FRACTION, EPOCH_SPREAD, CostModel  # noqa: E402
+from sweeps.cost.schedule import POLICIES, simulate  # noqa: E402
 from sweeps.plan import expand  # noqa: E402
-from sweeps.cost_model import EPOCH_FRACTION, EPOCH_SPREAD, CostModel  # noqa: E402
-from sweeps.simulate import POLICIES, simulate  # noqa: E402
 
 
 def _hours(seconds: float) -> str:
@@ -45,7 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--grid", default="paper", help="grid name or YAML path (default: paper)")
     ap.add_argument("--throughput", type=Path, nargs="+", default=[], metavar="FILE",
-                    help="bench/unet.py --json output(s) of the target device")
+                    help="bench/unet.py --json output(s) of the target device (override --device)")
+    ap.add_argument("--device", choices=tuple(DEVICES), default=DEFAULT_DEVICE,
+                    help=f"roofline without a throughput file (default {DEFAULT_DEVICE})")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 4, 8, 32])
     ap.add_argument("--cpus-per-gpu", type=float, help="CPUs per GPU (default: CPUs never limit)")
     ap.add_argument("--epoch-fraction", type=float, default=EPOCH_FRACTION,
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
     if not 0 < args.epoch_fraction <= 1 or args.epoch_spread < 0:
         ap.error("--epoch-fraction must be in (0, 1] and --epoch-spread >= 0")
     try:
-        cost = CostModel.from_files(args.throughput, epoch_fraction=args.epoch_fraction,
+        cost = CostModel.from_files(args.throughput, device=args.device, epoch_fraction=args.epoch_fraction,
                                     epoch_spread=args.epoch_spread)
     except ValueError as exc:
         ap.error(str(exc))
@@ -81,7 +85,8 @@ def main(argv=None) -> int:
     gpu_hours = results[0]["stages"]
     summary = {
         "grid": plan.grid.name, "trials": len(tasks), "cost_source": cost.source,
-        "train_voxels_per_s": dict(cost.train_voxels_per_s), "epoch_fraction": cost.epoch_fraction,
+        "train_voxels_per_s": dict(cost.train_voxels_per_s),
+        "flops_per_s": dict(cost.flops_per_s), "epoch_fraction": cost.epoch_fraction,
         "epoch_spread": cost.epoch_spread, "seed": args.seed, "cpus_per_gpu": args.cpus_per_gpu,
         "gpu_hours": sum(s["gpu_hours"] for s in gpu_hours.values()),
         "gpu_hours_by_stage": {k: v["gpu_hours"] for k, v in gpu_hours.items()},
@@ -105,8 +110,7 @@ def main(argv=None) -> int:
               f"{_hours(r['bound_s']):>10} {r['utilisation']:11.1%} {r['makespan_vs_critical_path']:8.3f}")
     print("  graph vs waves: " + ", ".join(
         f"{g} GPUs x{summary[f'graph_vs_waves_speedup_{g}gpu']:.2f}" for g in args.gpus))
-    if args.json:
-        print(json.dumps(summary))
+    json_tail(summary, args.json)
     return 0
 
 

@@ -12,52 +12,15 @@ times float32 steps side by side and reports ``bf16_speedup_vs_fp32``. CPU defau
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calib.losses import bce_loss  # noqa: E402
+from bench._common import device_name, json_tail, time_steps  # noqa: E402
 from calib.nets import UNet3D, UNetConfig, count_parameters  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(net, device, shape, batch, steps, warmup, bf16: bool) -> float:
-    """Seconds per training step (mean of ``steps`` after ``warmup``)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, net.cfg.in_channels, *shape, generator=g).to(device)
-    y = (torch.rand(batch, *shape, generator=g) < 0.1).to(device)
-    m = torch.ones(batch, *shape, dtype=torch.bool, device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    net.train()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = bce_loss(net(x, m), y, m)
-        loss.backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - t0) / steps
 
 
 def main(argv=None) -> int:
@@ -89,8 +52,7 @@ def main(argv=None) -> int:
         net = net.to(memory_format=torch.channels_last_3d)
     voxels = batch * shape[0] * shape[1] * shape[2]
     result = {
-        "device": torch.cuda.get_device_name(device) if cuda else
-        f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        "device": device_name(device),
         "dataset": args.dataset, "parameters": count_parameters(net), "shape": list(shape),
         "batch": batch, "steps": steps,
     }
@@ -109,8 +71,7 @@ def main(argv=None) -> int:
     if cuda:
         print(f"  {'float32':30s} {sec32:8.3f} s/step  {result['fp32_train_voxels_per_s']:12,.0f} voxels/s"
               f"   bf16 x{result['bf16_speedup_vs_fp32']:.2f}")
-    if args.json:
-        print(json.dumps(result))
+    json_tail(result, args.json)
     return 0
 
 

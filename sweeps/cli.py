@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 import sys
 
-from sweeps.config import DATA_ROOT_ENV, SEARCHES, builtin_grids
+from sweeps.grid import DATA_ROOT_ENV, SEARCHES, builtin_grids
+from sweeps.cost.devices import DEFAULT_DEVICE, DEVICES
 from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
 
 
@@ -53,12 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print trials per stage and method, resources and what MLflow already "
                         "holds; start nothing")
     p.add_argument("--estimate", action="store_true",
-                   help="with --dry-run: expected GPU-hours and wall time per stage (sweeps/estimate.py)")
+                   help="with --dry-run: expected GPU-hours and wall time per stage, with their "
+                        "assumptions (sweeps/cost/)")
     p.add_argument("--gpus", type=_positive_int, default=1,
                    help="devices the --estimate packs trials on (default 1)")
+    p.add_argument("--device", choices=tuple(DEVICES), default=DEFAULT_DEVICE,
+                   help="the device roofline --estimate converts counted FLOPs with (peak x assumed "
+                        f"utilisation, printed; default {DEFAULT_DEVICE})")
     p.add_argument("--throughput", type=Path, default=None, metavar="FILE",
                    help="--estimate from the JSON line of `bench/unet.py --json` run on the target "
-                        "device (default: measure this machine's CPU now)")
+                        "device (overrides --device)")
     p.add_argument("--resume", action="store_true",
                    help="run only the trials not FINISHED in the experiment (matched by trial "
                         "key); close runs of a dead launch (ended, or its heartbeat older than "
@@ -112,7 +117,8 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         print(f"error: {parser_error}", file=sys.stderr)
         raise SystemExit(2)
     return LaunchOptions(grid=args.grid, dry_run=args.dry_run, resume=args.resume,
-                         estimate=args.estimate, gpus=args.gpus, throughput=args.throughput,
+                         estimate=args.estimate, gpus=args.gpus, device=args.device,
+                         throughput=args.throughput,
                          address=args.address, tracking_uri=args.tracking_uri,
                          experiment=args.experiment, data_roots=parse_data_roots(args.data_root),
                          search=args.search, max_concurrent=args.max_concurrent,

@@ -18,13 +18,30 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from sweeps.config import GridConfig, GridError, Overrides, frozen_map, load_grid
+import ray
+
+from sweeps.cost.devices import DEFAULT_DEVICE, EstimateError
+from sweeps.grid import GridConfig, GridError, Overrides, frozen_map, load_grid
 from sweeps.plan import Plan, expand
+from sweeps.run import cluster
+from sweeps.run.execute import ExecutionSettings, Executor
+from sweeps.run.resume import checkpoint_dir, pick_up
+from sweeps.run.trainable import TrialContext
+from sweeps.summary import degenerate_text, outcome_table, plan_table
+from tracking import runs as tr
+from tracking import schema
+from tracking.guard import degenerate_models
+from tracking.lease import Heartbeat, driver_tags, heartbeat_every, live_leases
+from tracking.models import prepare_experiment, source_tags
+from tracking.store import (TrackingError, check_reachable, get_or_create_experiment, local_store_path,
+                            resolve_tracking_uri, ui_command)
+from tracking.store import client as make_client
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
 ENTRY_POINT = "sweeps/launch.py"  # mlflow.source.name of every run a launch creates
@@ -36,8 +53,9 @@ class LaunchOptions:
 
     grid: str
     dry_run: bool = False
-    estimate: bool = False  # with dry_run: GPU-hours and wall time (sweeps.estimate)
+    estimate: bool = False  # with dry_run: GPU-hours and wall time (sweeps.cost.estimate)
     gpus: int = 1
+    device: str = DEFAULT_DEVICE  # the roofline of the estimate without a throughput file
     throughput: Path | None = None
     resume: bool = False
     address: str | None = None
@@ -53,7 +71,7 @@ class LaunchOptions:
     verbose: bool = False
     force_concurrent: bool = False  # run beside a live launch, only the trials it has not claimed
     lease_timeout: float = 180.0  # seconds without a heartbeat after which this launch counts as dead
-    stage_runner: Callable | None = None  # tests: replaces sweeps.stage_runner.run_stage
+    stage_runner: Callable | None = None  # tests: replaces sweeps.run.stage_runner.run_stage
     system_metrics: bool | None = None  # log system/* metrics per trial; None: the grid's setting
 
 
@@ -84,7 +102,6 @@ def launch(opts: LaunchOptions, out: TextIO | None = None, err: TextIO | None = 
     started = time.monotonic()
     # Progress bars of artifact downloads would drown the one-line-per-trial log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from tracking.store import TrackingError, check_reachable, local_store_path, resolve_tracking_uri
 
     overrides = Overrides(data_roots=frozen_map(opts.data_roots), search=opts.search,
                           work_dir=opts.work_dir, max_concurrent=opts.max_concurrent)
@@ -101,9 +118,7 @@ def launch(opts: LaunchOptions, out: TextIO | None = None, err: TextIO | None = 
             rc = _estimate(plan, opts, out, err)
         return rc
     address = opts.address or os.environ.get("RAY_ADDRESS") or None
-    from sweeps.execute import is_local_address
-
-    if local_store_path(uri) is not None and not is_local_address(address):
+    if local_store_path(uri) is not None and not cluster.is_local_address(address):
         return _err(_store_guard(uri, f"the Ray cluster at {address} is not on this machine"), err)
     try:
         check_reachable(uri)
@@ -122,21 +137,21 @@ def _store_guard(uri: str, why: str) -> str:
 
 
 def _estimate(plan: Plan, opts: LaunchOptions, out: TextIO, err: TextIO) -> int:
-    from sweeps.estimate import EstimateError, estimate, estimate_text, measure_throughput, read_throughput
+    # counting FLOPs loads the science (calib.stages, MONAI: seconds): only --estimate needs it
+    from sweeps.cost.estimate import estimate, estimate_text
+    from sweeps.cost.model import CostModel
 
     try:
-        tput = read_throughput(opts.throughput, plan) if opts.throughput else measure_throughput(plan)
+        cost = CostModel.from_files([opts.throughput] if opts.throughput else [], device=opts.device)
+        result = estimate(plan, cost, opts.gpus)
     except EstimateError as exc:
         return _err(str(exc), err)
-    print(estimate_text(estimate(plan, tput, opts.gpus)), file=out, flush=True)
+    print(estimate_text(result), file=out, flush=True)
     return EXIT_OK
 
 
 def dry_run(plan: Plan, uri: str, experiment: str, out: TextIO, err: TextIO) -> int:
     """Print the plan and what MLflow already holds; start nothing (no Ray, no new store)."""
-    from sweeps.summary import plan_table
-    from tracking.store import TrackingError, check_reachable, local_store_path
-
     grid = plan.grid
     print(f"grid {grid.name} ({grid.source}); protocol {grid.protocol}; search {grid.search.kind}; "
           f"network {grid.network.preset}; {grid.folds.n_folds} folds", file=out)
@@ -163,31 +178,15 @@ def dry_run(plan: Plan, uri: str, experiment: str, out: TextIO, err: TextIO) -> 
 
 
 def _finished_keys(uri: str, experiment: str, plan: Plan) -> set[str]:
-    from tracking.runs import finished_trial_runs
-    from tracking.store import client
-
-    c = client(uri)
+    c = make_client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return set()
-    return set(finished_trial_runs(c, exp.experiment_id, plan.by_key))
+    return set(tr.finished_trial_runs(c, exp.experiment_id, plan.by_key))
 
 
 def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment: str,
          started: float, out: TextIO, err: TextIO) -> int:
-    import ray
-
-    from sweeps.execute import (ExecutionSettings, Executor, alive_nodes, connect_ray, resource_problems,
-                                trial_slots)
-    from sweeps.resume import checkpoint_dir, pick_up
-    from sweeps.summary import degenerate_text, outcome_table
-    from sweeps.trainable import TrialContext
-    from tracking import runs as tr
-    from tracking.guard import degenerate_models
-    from tracking.lease import Heartbeat, driver_tags, heartbeat_every, live_leases
-    from tracking.models import prepare_experiment, source_tags
-    from tracking.store import client as make_client, get_or_create_experiment, local_store_path, ui_command
-
     client = make_client(uri)
     exp_id = get_or_create_experiment(client, experiment, uri)
     live = live_leases(client, exp_id)
@@ -212,13 +211,13 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     todo = [t for t in plan.trials if t.key not in done_before]
 
     # Nothing to run (a --resume of a complete sweep): no Ray at all.
-    started_ray = connect_ray(opts.address, opts.num_cpus, opts.verbose) if todo else False
+    started_ray = cluster.connect_ray(opts.address, opts.num_cpus, opts.verbose) if todo else False
     parent, parent_done, beat = None, False, None
     try:
-        nodes = alive_nodes() if todo else 1
+        nodes = cluster.alive_nodes() if todo else 1
         if nodes > 1 and local_store_path(uri) is not None:
             return _err(_store_guard(uri, f"the Ray cluster has {nodes} nodes"), err)
-        problems = resource_problems(todo, ray.cluster_resources()) if todo else []
+        problems = cluster.resource_problems(todo, cluster.cluster_resources()) if todo else []
         if problems:
             msg = "; ".join(problems)
             if started_ray:  # a local Ray will never grow
@@ -247,7 +246,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
         executor = Executor(plan, client, ctx, settings, done_before, data_errors, out)
         outcomes = executor.run()
         wall = time.monotonic() - started
-        cluster = dict(ray.cluster_resources()) if todo else {}
+        capacity = cluster.cluster_resources() if todo else {}
         ok = _end_sweep(client, parent, outcomes, wall)
         parent_done = True
     except BaseException as exc:
@@ -261,7 +260,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
         if started_ray:
             ray.shutdown()
 
-    slots_of = (lambda t: trial_slots(t.resources, cluster, settings.max_concurrent)) if cluster else None
+    slots_of = (lambda t: cluster.trial_slots(t.resources, capacity, settings.max_concurrent)) if capacity else None
     print("\n" + outcome_table(outcomes, wall, slots_of, executor.trials_wall), file=out)
     print(degenerate_text(degenerate_models(client, exp_id, plan.by_key)), file=out)
     if opts.report:
@@ -273,10 +272,6 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
 def _prepare(grid: GridConfig, todo, err: TextIO) -> tuple[dict, dict]:
     """Prepare (phantoms, cache, folds) every dataset with trials to run, as Ray tasks:
     (dataset -> PreparedData dict, dataset -> one-line error)."""
-    import ray
-
-    from sweeps.execute import prepare_data
-
     datasets = sorted({t.dataset for t in todo})
     if not datasets:
         return {}, {}
@@ -284,7 +279,7 @@ def _prepare(grid: GridConfig, todo, err: TextIO) -> tuple[dict, dict]:
     # cluster's total (two 1-CPU nodes cannot run a 2-CPU task: it would wait forever).
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
     cpus = max(1, min(4, int(max(node_cpus, default=1))))
-    prepared = prepare_data(grid, datasets, cpus=cpus)
+    prepared = cluster.prepare_data(grid, datasets, cpus=cpus)
     data = {d: v for d, v in prepared.items() if not isinstance(v, Exception)}
     errors = {d: " ".join(str(v).split())[:500] for d, v in prepared.items() if isinstance(v, Exception)}
     for d, msg in errors.items():
@@ -301,9 +296,6 @@ def _storage_path(opts: LaunchOptions, grid: GridConfig) -> str:
 def _end_sweep(client, parent: str, outcomes: Mapping, wall: float) -> bool:
     """End the sweep run FINISHED when every trial is (or another live launch runs it), else
     FAILED (tracking.runs.sweep_status), with the launch's totals; True when FINISHED."""
-    from tracking import runs as tr
-    from tracking import schema
-
     O = tr.TrialOutcome  # noqa: N806
     n = {s: sum(o.status == s for o in outcomes.values()) for s in O}
     status = tr.end_sweep_run(client, parent, [o.status for o in outcomes.values()], {
@@ -318,8 +310,7 @@ def _end_sweep(client, parent: str, outcomes: Mapping, wall: float) -> bool:
 def _report(experiment: str, uri: str, parent: str, out_dir: Path, out: TextIO, err: TextIO) -> None:
     """The analysis report (tracking.report) of the whole experiment; its failure is reported,
     not fatal -- the trials' exit status stands."""
-    import warnings
-
+    # the report's tables and figures (pandas, scipy, matplotlib) load only after the trials ran
     from tracking.report import ReportWarning, build_report
 
     try:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 from calib.vocabulary import STAGES
 from sweeps.plan import Plan, TrialSpec
-
-if TYPE_CHECKING:
-    from sweeps.execute import Outcome
+from sweeps.run.execute import DONE_BEFORE, ELSEWHERE, FAILED, FINISHED, SKIPPED, Outcome
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -70,13 +67,11 @@ def plan_table(plan: Plan, finished_keys: set[str] | None) -> str:
             + _table(["stage", "method", "trials", "resources/trial", "lr", "finished in MLflow"], rows))
 
 
-def busy(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
+def busy(outcomes: Mapping[str, Outcome], wall_seconds: float,
          slots_of: Callable[[TrialSpec], int]) -> float:
     """Fraction of the cluster's trial slots kept busy: the sum over this launch's trials of
     compute seconds / slots of the trial's kind, over the wall time. With one kind of trial,
     trial compute / (wall x slots); a trial kind that fits n at a time fills 1/n of the cluster."""
-    from sweeps.execute import FAILED, FINISHED
-
     if wall_seconds <= 0:
         return 0.0
     used = sum(o.compute_seconds / slots_of(o.spec) for o in outcomes.values()
@@ -84,7 +79,7 @@ def busy(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
     return used / wall_seconds
 
 
-def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
+def outcome_table(outcomes: Mapping[str, Outcome], wall_seconds: float,
                   slots_of: Callable[[TrialSpec], int] | None = None,
                   trials_wall_seconds: float | None = None) -> str:
     """Finished / failed / skipped / done-before (/ elsewhere) per stage, compute time per stage,
@@ -93,8 +88,6 @@ def outcome_table(outcomes: Mapping[str, "Outcome"], wall_seconds: float,
 
     ``busy`` is given over the launch's wall time (Ray start, MLflow store and data preparation
     included) and, with ``trials_wall_seconds``, over the Tune run alone."""
-    from sweeps.execute import DONE_BEFORE, ELSEWHERE, FAILED, FINISHED, SKIPPED
-
     stats: dict[str, dict] = {s: defaultdict(float) for s in STAGES}
     for o in outcomes.values():
         st = stats[o.spec.stage]

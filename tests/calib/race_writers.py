@@ -43,10 +43,12 @@ def _write(writer: str, args: dict) -> Path:
         write_phantoms("brats18", Path(args["out"]), 1, seed=3, shape=(16, 16, 16))
         return Path(args["out"])
     if writer == "data_prep":
-        from sweeps.config import DatasetSpec, PhantomSpec
-        from sweeps.data_prep import ensure_phantoms
+        from sweeps.grid import DatasetSpec, PhantomSpec
+        from sweeps.run.data_prep import ensure_phantoms
 
-        ensure_phantoms(DatasetSpec("brats18", Path(args["out"]), PhantomSpec(1, 3, (16, 16, 16))))
+        # one subject, below a grid file's minimum: built unchecked, as the sweep's own writer sees it
+        ensure_phantoms(DatasetSpec("brats18", Path(args["out"]),
+                                    PhantomSpec.model_construct(subjects=1, seed=3, shape=(16, 16, 16))))
         return Path(args["out"])
     if writer == "preprocess":
         from calib.data import preprocess_dataset

@@ -98,7 +98,7 @@ def _wait_for(predicate, timeout: float, proc, log: Path):
 
 
 def _one_finished_run_per_key(trials, grid: Path) -> None:
-    from sweeps.config import load_grid
+    from sweeps.grid import load_grid
     from sweeps.plan import expand
     from tracking import schema
 

@@ -89,7 +89,7 @@ def test_sweep_runs_on_both_nodes_and_reads_back_through_the_server(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from sweeps.config import load_grid
+    from sweeps.grid import load_grid
     from sweeps.plan import expand
     from tracking import schema
 

@@ -11,12 +11,13 @@ from sweep_helpers import ISLES_PHANTOM, PHANTOM
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
     """A data root holding brats18/ and isles18/ phantoms (written as the sweep would)."""
-    from sweeps.config import DatasetSpec, PhantomSpec
-    from sweeps.data_prep import ensure_phantoms
+    from sweeps.grid import DatasetSpec, PhantomSpec
+    from sweeps.run.data_prep import ensure_phantoms
 
     root = tmp_path_factory.mktemp("phantoms")
     for name, ph in (("brats18", PHANTOM), ("isles18", ISLES_PHANTOM)):
-        ensure_phantoms(DatasetSpec(name, root / name, PhantomSpec(ph["subjects"], ph["seed"], tuple(ph["shape"]))))
+        ensure_phantoms(DatasetSpec(name, root / name, PhantomSpec(subjects=ph["subjects"], seed=ph["seed"],
+                                                                   shape=tuple(ph["shape"]))))
     return root
 
 

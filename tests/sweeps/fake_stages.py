@@ -36,7 +36,7 @@ def _matches(spec, selector) -> bool:
 
 
 class FakeStage:
-    """Callable with sweeps.stage_runner.run_stage's signature (module doc)."""
+    """Callable with sweeps.run.stage_runner.run_stage's signature (module doc)."""
 
     def __init__(self, fail: dict | None = None, crash_once: dict | None = None,
                  marker_dir: str | None = None, hold: dict | None = None, release: dict | None = None):

@@ -1,11 +1,13 @@
-"""The cost estimate before launch (sweeps/estimate.py): its model and its packing."""
+"""The cost estimate before launch (sweeps/cost/): its model and its packing."""
 
 import json
 
 import pytest
 
-from sweeps.config import load_grid
-from sweeps.estimate import EstimateError, Throughput, estimate, makespan, read_throughput, trial_seconds
+from sweeps.grid import load_grid
+from sweeps.cost.devices import EstimateError, read_throughput
+from sweeps.cost.estimate import estimate, makespan
+from sweeps.cost.model import CostModel as Throughput, trial_seconds
 from sweeps.plan import expand
 
 
@@ -51,4 +53,25 @@ def test_a_bad_throughput_file_is_named(plan, tmp_path):
     bad = tmp_path / "t.json"
     bad.write_text(json.dumps({"device": "cuda"}))
     with pytest.raises(EstimateError, match="t.json.*train_voxels_per_s"):
-        read_throughput(bad, plan)
+        read_throughput(bad)
+
+
+def test_the_dry_run_estimate_prints_each_stage_and_its_assumptions(tmp_path, capsys):
+    from sweeps.launch_sweep import LaunchOptions, launch
+
+    opts = LaunchOptions(grid="paper", dry_run=True, estimate=True, gpus=8, device="a100",
+                         tracking_uri=f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}")
+    assert launch(opts) == 0
+    out = capsys.readouterr().out
+    text = out[out.index("estimate on 8 GPU(s)"):]
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:5]}
+    assert set(rows) == {"pretrain", "base", "calibrate"}
+    assert [int(rows[s][1]) for s in ("pretrain", "base", "calibrate")] == [10, 30, 450]
+    assert "roofline a100" in text and "assumed utilisation" in text
+    assert "brats18 net at 136x136x82" in text and "TFLOP per volume" in text
+    assert "early stopping at 50% of max_epochs" in text
+    bad = tmp_path / "t.json"
+    bad.write_text("{}\n")
+    assert launch(LaunchOptions(grid="paper", dry_run=True, estimate=True, throughput=bad,
+                                tracking_uri=opts.tracking_uri)) == 2
+    assert "t.json: its last line has no train_voxels_per_s" in capsys.readouterr().err

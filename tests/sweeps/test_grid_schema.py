@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps import grid_schema
-from sweeps.config import GridError, load_grid
+from sweeps.grid import schema as grid_schema
+from sweeps.grid import GridError, load_grid
 from sweeps.plan import expand
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def test_builtin_grids_resolve_as_before(name):
 
 
 def test_reading_a_grid_does_not_load_torch():
-    code = ("import sys; from sweeps.config import load_grid; "
+    code = ("import sys; from sweeps.grid import load_grid; "
             "[load_grid(g, require_data=False, env={}) for g in ('paper', 'paper-smoke', 'external-example')]; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

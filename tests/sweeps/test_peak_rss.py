@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sweeps.trainable import peak_rss_mb, reset_peak_rss
+from sweeps.run.trainable import peak_rss_mb, reset_peak_rss
 
 
 def test_a_new_window_forgets_the_memory_of_what_ran_before():

@@ -1,4 +1,4 @@
-"""sweeps.resume: the project's own checkpoint index (no Ray) and what a launch picks up."""
+"""sweeps.run.resume: the project's own checkpoint index (no Ray) and what a launch picks up."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 from mlflow.tracking import MlflowClient
 
-from sweeps.resume import CheckpointIndex, checkpoint_dir, pick_up
+from sweeps.run.resume import CheckpointIndex, checkpoint_dir, pick_up
 from tracking.runs import TrialRun, start_sweep_run
 from tracking.store import get_or_create_experiment
 

@@ -1,4 +1,4 @@
-"""sweeps.trainable.run_trial and the executor's settling of its outcomes, on a real SQLite MLflow
+"""sweeps.run.trainable.run_trial and the executor's settling of its outcomes, on a real SQLite MLflow
 store and the fake stage, without a Ray cluster (fast tier): Tune's ``report`` and Ray's node
 queries are stubbed, everything else -- runs, tags, metrics, the checkpoint index -- is real."""
 
@@ -15,12 +15,13 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from sweep_helpers import tiny_grid
 
-from sweeps.config import load_grid
-from sweeps.execute import ExecutionSettings, Executor
-from sweeps.graph import TrialGraph
+from sweeps.grid import load_grid
+from sweeps.run.execute import ExecutionSettings, Executor
+from sweeps.plan.graph import TrialGraph
 from sweeps.plan import expand
-from sweeps.resume import CheckpointIndex
-from sweeps.trainable import ERROR_METRIC, RUN_ID_METRIC, STATUS_METRIC, UPSTREAM_RUN_CONFIG, TrialContext, run_trial
+from sweeps.run.resume import CheckpointIndex
+from sweeps.plan.graph import UPSTREAM_RUN_CONFIG
+from sweeps.run.trainable import ERROR_METRIC, RUN_ID_METRIC, STATUS_METRIC, TrialContext, run_trial
 from tracking import schema
 from tracking.runs import TrialOutcome, TrialRun, start_sweep_run
 from tracking.store import get_or_create_experiment

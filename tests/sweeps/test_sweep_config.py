@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sweeps.cli import main, parse_data_roots
-from sweeps.config import GridError, Overrides, load_grid
+from sweeps.grid import GridError, Overrides, load_grid
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -142,9 +142,9 @@ def test_paper_dry_run_counts_without_data_or_ray(tmp_path):
 def test_unreachable_tracking_server_exits_2_before_ray(tmp_path, capsys, monkeypatch):
     import socket
 
-    import sweeps.execute
+    import sweeps.run.cluster
 
-    monkeypatch.setattr(sweeps.execute, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(sweeps.run.cluster, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
     monkeypatch.chdir(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -254,10 +254,11 @@ def test_the_launch_writes_phantoms_with_the_grids_label_noise(tmp_path):
     import json
 
     from calib.data.phantom import RECIPE_NAME
-    from sweeps.data_prep import ensure_phantoms
-    from sweeps.grid_config import DatasetSpec, PhantomSpec
+    from sweeps.grid import DatasetSpec, PhantomSpec
+    from sweeps.run.data_prep import ensure_phantoms
 
-    spec = DatasetSpec("isles18", tmp_path / "isles", PhantomSpec(2, 0, (32, 32, 4), "correlated"))
+    spec = DatasetSpec("isles18", tmp_path / "isles",
+                       PhantomSpec(subjects=2, seed=0, shape=(32, 32, 4), label_noise="correlated"))
     ensure_phantoms(spec)
     assert json.loads((tmp_path / "isles" / RECIPE_NAME).read_text())["label_noise"] == "correlated"
 

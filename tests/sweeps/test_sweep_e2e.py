@@ -19,8 +19,8 @@ import yaml
 from sweep_helpers import ISLES_PHANTOM, PHANTOM, tiny_grid
 from mlflow.tracking import MlflowClient
 
-from sweeps.config import load_grid
-from sweeps.data_prep import prepare_dataset
+from sweeps.grid import load_grid
+from sweeps.run.data_prep import prepare_dataset
 from sweeps.launch_sweep import LaunchOptions, git_commit, launch
 from sweeps.plan import expand
 from tracking import schema

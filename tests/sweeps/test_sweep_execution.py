@@ -13,7 +13,7 @@ from sweep_helpers import tiny_grid
 from fake_stages import FakeStage
 from mlflow.tracking import MlflowClient
 
-from sweeps.config import load_grid
+from sweeps.grid import load_grid
 from sweeps.launch_sweep import LaunchOptions, launch
 from sweeps.plan import expand
 from tracking import schema

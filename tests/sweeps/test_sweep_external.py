@@ -23,7 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from calib.data.predictions_phantom import write_prediction_phantoms
-from sweeps.config import GridError, load_grid
+from sweeps.grid import GridError, load_grid
 from sweeps.plan import expand
 from tracking import schema
 

@@ -1,4 +1,4 @@
-"""The dependency-graph scheduler's bookkeeping (sweeps.graph), without Ray: only trials whose
+"""The dependency-graph scheduler's bookkeeping (sweeps.plan.graph), without Ray: only trials whose
 upstream FINISHED are suggested, a failed trial's dependants are skipped, the order follows the
 work downstream, and the search ends when every trial was handed out or skipped."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 from ray.tune.search import Searcher
 
-from sweeps.config import Overrides, load_grid
-from sweeps.graph import GraphSearcher, TrialGraph
+from sweeps.grid import Overrides, load_grid
+from sweeps.plan.graph import GraphSearcher, TrialGraph
 from sweeps.plan import expand
-from sweeps.search import PlanSearcher
-from sweeps.trainable import UPSTREAM_RUN_CONFIG
+from sweeps.plan.search import PlanSearcher
+from sweeps.plan.graph import UPSTREAM_RUN_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sweep_helpers import tiny_grid
 
-from sweeps.config import load_grid
+from sweeps.grid import load_grid
 from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
 from sweeps.plan import expand
 from tracking import schema

@@ -1,4 +1,4 @@
-"""sweeps.trainable._log_result: a finished stage's metrics, tags and artifacts, on a recording
+"""sweeps.run.trainable._log_result: a finished stage's metrics, tags and artifacts, on a recording
 stand-in for the trial's MLflow run (no store, no Ray)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from calib.evaluate import BIN_COLUMNS
 from calib.stages import StageResult
 from calib.training import EpochResult
-from sweeps.trainable import _log_result
+from sweeps.run.trainable import _log_result
 from tracking import schema
 
 

@@ -5,7 +5,7 @@ upstream trial has FINISHED, not when a whole stage has.
 upstream, which are ready, and the upstream run id each ready trial will read its artifacts from.
 :class:`GraphSearcher` is the ``tune.search.Searcher`` of the launch's one ``tune.Tuner``: it
 suggests only ready trials (``None`` while the rest wait) and ``Searcher.FINISHED`` once every
-trial was handed out or skipped. Whoever learns how a trial ended (sweeps.execute, from the
+trial was handed out or skipped. Whoever learns how a trial ended (sweeps.run.execute, from the
 trial's MLflow run) tells the graph with :meth:`TrialGraph.finished` -- which releases the
 trial's dependants -- or :meth:`TrialGraph.failed`, which returns the dependants to skip.
 
@@ -16,7 +16,7 @@ the other slots idle), then plan order. Trials of a kind not seen yet count as l
 
 Optuna samples (``--search optuna``) of one (dataset, weights, fold, method) share one upstream;
 once it FINISHED their group is one ready entry, suggested through a
-:class:`sweeps.search.PlanSearcher` of that group (one sample at a time, TPE learning from the
+:class:`sweeps.plan.search.PlanSearcher` of that group (one sample at a time, TPE learning from the
 finished ones).
 """
 
@@ -29,10 +29,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from ray.tune.search import Searcher
 
-from sweeps.plan import TrialSpec
-from sweeps.search import METRIC, MODE, PlanSearcher
-from sweeps.trainable import UPSTREAM_RUN_CONFIG as UPSTREAM_RUN_KEY
+from sweeps.plan.search import METRIC, MODE, PlanSearcher
+from sweeps.plan.trials import TrialSpec
 
+#: In a suggested trial's Tune config: the run id of its upstream's FINISHED run, which the
+#: trainable reads the upstream's artifacts from (sweeps.run.trainable).
+UPSTREAM_RUN_CONFIG = "upstream_run_id"
 
 
 def _entry_id(spec: TrialSpec) -> str:
@@ -145,7 +147,7 @@ class GraphSearcher(Searcher):
             if specs[0].search != "optuna":
                 (spec,) = self.graph.take(entry)
                 self.suggested[trial_id] = spec.key
-                return {"spec": spec.to_dict(), UPSTREAM_RUN_KEY: self.graph.upstream_run(spec)}
+                return {"spec": spec.to_dict(), UPSTREAM_RUN_CONFIG: self.graph.upstream_run(spec)}
             group = self._groups.get(entry)
             if group is None:
                 if self._make_group is None:
@@ -161,7 +163,7 @@ class GraphSearcher(Searcher):
             spec = TrialSpec.from_dict(suggestion["spec"])
             self._owner[trial_id] = group
             self.suggested[trial_id] = spec.key
-            return {**suggestion, UPSTREAM_RUN_KEY: self.graph.upstream_run(spec)}
+            return {**suggestion, UPSTREAM_RUN_CONFIG: self.graph.upstream_run(spec)}
         return Searcher.FINISHED if self.graph.exhausted else None
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:

@@ -1,10 +1,15 @@
-"""The grid loader: a validated grid file (:mod:`sweeps.grid_schema`) plus where it runs -> GridConfig.
+"""The grid loader: a grid file (:mod:`sweeps.grid.schema`) plus where it runs -> GridConfig.
 
-The schema checks the file on its own. Here comes what depends on the launch: command-line
+:func:`load_grid` reads a built-in grid (``sweeps/grids/<name>.yaml``) or any YAML path. The
+schema checks the file on its own. Here comes what depends on the launch: command-line
 overrides, paths relative to the working directory, the data roots (``--data-root``, the grid,
 ``$CALIB_DATA_ROOT``), the folds file, and each method's own check of its parameters. Every problem
 is a one-line :class:`GridError` naming the file and the key; the data-root check comes last, so
 that a mistake in the grid is reported before a missing data volume.
+
+Paths in a grid (data roots, work dir, folds file) are relative to the working directory of the
+launch, not to the YAML file: ``python sweeps/launch.py --grid demo`` from the repo root keeps
+everything under ``./calib_store`` and ``./demo_data``.
 """
 
 from __future__ import annotations
@@ -14,16 +19,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from calib.vocabulary import CALIBRATE, STAGES
-from sweeps.grid_config import (DatasetSpec, Execution, Folds, GridConfig, MethodSpec, Network,
-                                Overrides, PhantomSpec, PredictionsSpec, Preprocessing, Resources,
-                                Search, frozen_map, resolved_method_params)
-from sweeps.grid_schema import (PAPER_FOLDS, SEARCHES, GridError, GridFile, GridProblem,
-                                ImagesDataset, PredictionsDataset, choice, closest, number,
-                                read_grid_file)
+import yaml
+
+from calib.vocabulary import CALIBRATE
+from sweeps.grid.checks import GridError, GridProblem, choice, closest, number
+from sweeps.grid.model import DatasetSpec, GridConfig, Overrides, frozen_map, resolved_method_params
+from sweeps.grid.schema import GridFile, read_grid_file
+from sweeps.grid.sections import (PAPER_FOLDS, SEARCHES, Execution, Folds, ImagesDataset, MethodSpec,
+                                  Network, PhantomSpec, PredictionsSpec, Search)
 
 #: Environment variable holding the data root when neither the grid nor --data-root names one.
 DATA_ROOT_ENV = "CALIB_DATA_ROOT"
+GRIDS_DIR = Path(__file__).resolve().parents[1] / "grids"
 
 
 class GridLoader:
@@ -58,33 +65,28 @@ class GridLoader:
                                 f"{closest(k, ds_names)}; its datasets: {', '.join(ds_names)}")
         datasets = tuple(self.dataset(n, spec, gf) for n, spec in gf.datasets.items())
         cache_dir = self.path_of(gf.data.cache) if gf.data.cache else work_dir / "cache"
-        pre = gf.preprocessing
         folds, network = self.folds(gf), self.network(gf)
-        methods = self.methods(gf)
+        methods = tuple(gf.methods.values())
         self.check_method_params(methods, gf)
         grid = GridConfig(
             name=gf.name if gf.name is not None else self.path.stem, source=self.path, seed=gf.seed,
             protocol=gf.protocol, datasets=datasets, cache_dir=cache_dir,
-            preprocessing=Preprocessing(pre.spacing, pre.shape, pre.normalisation),
-            folds=folds, network=network, weights=gf.weights,
-            training=frozen_map({s: frozen_map(getattr(gf.training, s).given()) for s in STAGES}),
-            methods=methods, search=self.search(gf), execution=self.execution(gf), work_dir=work_dir,
+            preprocessing=gf.preprocessing, folds=folds, network=network, weights=gf.weights,
+            training=gf.training, methods=methods, search=self.search(gf),
+            execution=self.execution(gf), work_dir=work_dir,
             val_fraction=gf.val_fraction, calib_fraction=gf.calib_fraction)
         if self.require_data:
             self.check_data(datasets)
         return grid
 
     # -- sections --
-    def dataset(self, name: str, spec: ImagesDataset | PredictionsDataset, gf: GridFile) -> DatasetSpec:
-        if isinstance(spec, PredictionsDataset):
-            p = PredictionsSpec(
-                predictions=self.path_of(spec.predictions), labels=self.path_of(spec.labels),
-                values=spec.values, masks=self.path_of(spec.masks) if spec.masks else None,
-                mask_threshold=spec.mask_threshold, foreground=spec.foreground)
+    def dataset(self, name: str, spec: ImagesDataset | PredictionsSpec, gf: GridFile) -> DatasetSpec:
+        if isinstance(spec, PredictionsSpec):  # its folders, relative to the launch
+            p = spec.model_copy(update={
+                "predictions": self.path_of(spec.predictions), "labels": self.path_of(spec.labels),
+                "masks": self.path_of(spec.masks) if spec.masks else None})
             return DatasetSpec(name, p.predictions, predictions=p)
-        ph = spec.phantom
-        phantom = None if ph is None else PhantomSpec(ph.subjects, ph.seed, ph.shape, ph.label_noise)
-        return DatasetSpec(name, self.data_root(name, gf, phantom), phantom)
+        return DatasetSpec(name, self.data_root(name, gf, spec.phantom), spec.phantom)
 
     def data_root(self, name: str, gf: GridFile, phantom: PhantomSpec | None) -> Path | None:
         """--data-root DATASET=DIR > --data-root DIR > data.roots > data.root > $CALIB_DATA_ROOT."""
@@ -117,51 +119,38 @@ class GridLoader:
             if not file.is_file():
                 self.fail("folds.file", f"{file} does not exist (or use {PAPER_FOLDS!r} for the "
                           "folds of the paper's public code)")
-        return Folds(fo.n_folds, fo.seed, file, tuple(sorted(fo.only)) if fo.only else ())
+        return fo.model_copy(update={"file": file, "only": tuple(sorted(fo.only)) if fo.only else ()})
 
     def network(self, gf: GridFile) -> Network:
         """The network; the L2 penalty of the datasets the grid runs (others are ignored)."""
         net, wd = gf.network, gf.network.weight_decay
         decay = ({d: v for d, v in wd.items() if d in gf.datasets} if isinstance(wd, Mapping)
                  else dict.fromkeys(gf.datasets, wd))
-        return Network(preset=net.preset, levels=net.levels, base=net.base,
-                       weight_decay=frozen_map({d: v for d, v in decay.items() if v}))
-
-    def methods(self, gf: GridFile) -> tuple[MethodSpec, ...]:
-        return tuple(MethodSpec(name=name, params=frozen_map(m.params),
-                                lrs=m.lr if isinstance(m.lr, tuple) else (),
-                                lr_by_weights=frozen_map(m.lr if isinstance(m.lr, dict) else {}))
-                     for name, m in gf.methods.items())
+        return net.model_copy(update={"weight_decay": frozen_map({d: v for d, v in decay.items() if v})})
 
     def check_method_params(self, methods: tuple[MethodSpec, ...], gf: GridFile) -> None:
         """Let each method check its own parameters now, not in a trial later."""
-        schedule = getattr(gf.training, CALIBRATE).given()
+        settings = gf.training[CALIBRATE].settings(gf.seed)
         for m in methods:
             for w in gf.weights:
                 for one in m.learning_rates(w):
                     try:
-                        resolved_method_params(m, w, one, schedule, gf.seed)
+                        resolved_method_params(m, w, one, settings)
                     except (ValueError, TypeError) as exc:
                         self.fail(f"methods.{m.name}", str(exc))
 
     def search(self, gf: GridFile) -> Search:
         se = gf.search
         kind = self.checked("search.kind", choice, self.ov.search, SEARCHES, "search") if self.ov.search else se.kind
-        return Search(kind=kind, lr_low=se.lr_low, lr_high=se.lr_high, samples=se.samples,
-                      methods=self.checked("", gf.searched_methods), seed=se.seed)
+        return se.model_copy(update={"kind": kind, "methods": self.checked("", gf.searched_methods)})
 
     def execution(self, gf: GridFile) -> Execution:
-        ex, res = gf.execution, gf.resources
-        max_conc = ex.max_concurrent
-        if self.ov.max_concurrent is not None:
-            max_conc = self.checked("execution.max_concurrent", number, self.ov.max_concurrent,
-                                    integer=True, minimum=1)
-        return Execution(
-            max_failures=ex.max_failures, max_concurrent=max_conc,
-            resources=frozen_map({s: Resources(getattr(res, s).cpu, getattr(res, s).gpu) for s in STAGES}),
-            method_resources=frozen_map({m: Resources(r.cpu, r.gpu)
-                                         for m, r in self.checked("", gf.method_resources).items()}),
-            system_metrics=ex.system_metrics)
+        ex = gf.execution
+        self.checked("", gf.method_resources)
+        if self.ov.max_concurrent is None:
+            return ex
+        return ex.model_copy(update={"max_concurrent": self.checked(
+            "execution.max_concurrent", number, self.ov.max_concurrent, integer=True, minimum=1)})
 
     def check_data(self, datasets: tuple[DatasetSpec, ...]) -> None:
         """Every dataset without a phantom spec needs a root that exists (checked last, so that
@@ -181,3 +170,50 @@ class GridLoader:
             if not d.root.is_dir():
                 raise GridError(f"data root for dataset {d.name!r} does not exist: {d.root} "
                                 f"(pass --data-root or set ${DATA_ROOT_ENV})")
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+def builtin_grids() -> list[str]:
+    """Names of the grids shipped in sweeps/grids/."""
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+
+
+def grid_path(grid: str) -> Path:
+    """``demo`` -> sweeps/grids/demo.yaml; a path ending in .yaml/.yml is taken as is."""
+    if grid.endswith((".yaml", ".yml")) or os.sep in grid:
+        path = Path(grid)
+        if not path.is_file():
+            raise GridError(f"grid file {grid} does not exist")
+        return path.resolve()
+    names = builtin_grids()
+    if grid not in names:
+        raise GridError(f"unknown grid {grid!r}{closest(grid, names)}; valid choices: "
+                        f"{', '.join(names)} or a path to a .yaml file")
+    return GRIDS_DIR / f"{grid}.yaml"
+
+
+def load_grid(grid: str, overrides: Overrides | None = None, *, require_data: bool = True,
+              env: Mapping[str, str] | None = None, cwd: Path | None = None) -> GridConfig:
+    """Read and validate a grid.
+
+    Args:
+        grid: a built-in grid name (``paper``, ``demo``) or a YAML path.
+        overrides: command-line values that win over the grid's.
+        require_data: when True every dataset needs a data root that exists (or a phantom spec,
+            generated on first use); a dry run passes False and shows what is missing.
+        env: environment to read ``CALIB_DATA_ROOT`` from (default ``os.environ``).
+        cwd: directory relative paths are resolved against (default the current one).
+
+    Raises:
+        GridError: one line naming the file, key and valid choices.
+    """
+    path = grid_path(grid)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise GridError(f"grid {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    return GridLoader(path, overrides or Overrides(), env if env is not None else os.environ,
+                      Path(cwd or Path.cwd()), require_data).load(raw)

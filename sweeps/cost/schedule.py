@@ -1,12 +1,13 @@
 """A plan on paper: list schedules of trials with known durations on N GPUs, two policies.
 
 Pure Python (no Ray): ``bench/schedule.py`` and the launch's estimate use it before anything
-runs; the durations come from ``sweeps.cost_model.CostModel``. :func:`simulate` places the
+runs; the durations come from :class:`sweeps.cost.CostModel`. :func:`simulate` places the
 trials on ``gpus`` devices, each trial holding its ``resources.gpu`` share (1, 0.5, 0.25 in the
 paper grid) of *one* device (best fit, as Ray packs fractional GPUs), under
 
-* ``"waves"``: a wave starts when every trial of the one before has ended (sweeps/execute.py's
-  Tuner per wave), plan order inside a wave (Tune's FIFO);
+* ``"waves"``: a wave (``TrialSpec.wave``, the dependency depth) starts when every trial of the
+  one before has ended -- one Tuner per wave, how the sweep ran before its dependency graph --,
+  plan order inside a wave (Tune's FIFO);
 * ``"graph"``: a trial starts as soon as its upstream has ended and resources allow,
   longest-path-first.
 

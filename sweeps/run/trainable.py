@@ -5,11 +5,11 @@
 1. opens the trial's MLflow run -- or re-opens it when Ray retries or restores the trial, so a
    trial never has two runs (tracking.runs.TrialRun.open);
 2. restores the stage's ``work_dir/checkpoint.pt`` from the trial key's latest checkpoint
-   (sweeps.resume.CheckpointIndex: an earlier attempt that Ray retried, or an earlier launch that
+   (sweeps.run.resume.CheckpointIndex: an earlier attempt that Ray retried, or an earlier launch that
    crashed), so training continues mid-way instead of from epoch 0;
 3. downloads the upstream artifacts (base weights, exported logits) from the upstream trial's
    MLflow run -- never from a path on another node;
-4. runs the stage (sweeps.stage_runner), logging ``train_loss`` / ``val_loss`` per epoch,
+4. runs the stage (sweeps.run.stage_runner), logging ``train_loss`` / ``val_loss`` per epoch,
    recording the stage's checkpoint in the index and reporting each epoch to Tune;
 5. logs the final metrics and artifacts and ends the run FINISHED -- or FAILED with
    ``calib.error``.
@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -31,11 +33,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+import ray
+import torch
+from ray import tune
+
+from calib.preview import save_preview
 from calib.stage_files import CHECKPOINT_NAME as CHECKPOINT_FILE  # what a stage resumes from
-from sweeps.plan import TrialSpec
-from sweeps.resume import CheckpointIndex, Restored
+from calib.training import TrainingError
+from sweeps.plan.graph import UPSTREAM_RUN_CONFIG
+from sweeps.plan.trials import TrialSpec
+from sweeps.run.resume import CheckpointIndex, Restored
+from sweeps.run.stage_runner import run_stage, upstream_needs
 from tracking import schema
-from tracking.runs import TrialOutcome, error_message
+from tracking.models import log_trial_lineage, system_metrics
+from tracking.runs import TrialOutcome, TrialRun, error_message, fetch_artifacts
+from tracking.store import client as make_client
 
 # In the last result a trial reports to Tune: its outcome (a tracking.runs.TrialOutcome: FINISHED,
 # FAILED, or DONE_BEFORE / ELSEWHERE when another launch claims it), the error, and beside
@@ -43,7 +56,6 @@ from tracking.runs import TrialOutcome, error_message
 STATUS_METRIC = "calib_status"
 ERROR_METRIC = "calib_error"
 RUN_ID_METRIC = "calib_run_id"
-UPSTREAM_RUN_CONFIG = "upstream_run_id"  # in a trial's Tune config: its upstream's FINISHED run
 
 
 @dataclass
@@ -51,9 +63,9 @@ class TrialContext:
     """What every trial of a launch shares (sent once to the workers with tune.with_parameters).
 
     ``data``: dataset -> PreparedData.to_dict(); ``upstream_runs``: upstream trial key -> the
-    MLflow run id of its FINISHED run; ``checkpoint_dir``: the sweeps.resume checkpoint index
+    MLflow run id of its FINISHED run; ``checkpoint_dir``: the sweeps.run.resume checkpoint index
     (None: every attempt starts at epoch 0); ``stage_runner``: replaces
-    sweeps.stage_runner.run_stage (tests).
+    sweeps.run.stage_runner.run_stage (tests).
     """
 
     tracking_uri: str
@@ -71,7 +83,7 @@ def trial_tags(spec: TrialSpec) -> dict[str, str]:
     """The tags of a trial run (docs/architecture.md, "Trial run"; role, key and parent are added by TrialRun.open)."""
     tags = {schema.STAGE: spec.stage, schema.DATASET: spec.dataset, schema.WEIGHTS: spec.weights,
             schema.METHOD: spec.method, schema.FOLD: str(spec.fold), schema.LR: spec.lr_tag,
-            schema.PROTOCOL: spec.config["data"]["protocol"]}
+            schema.PROTOCOL: spec.split.protocol}
     if spec.upstream:
         tags[schema.UPSTREAM_KEY] = spec.upstream
     if spec.search == "optuna":
@@ -81,8 +93,6 @@ def trial_tags(spec: TrialSpec) -> dict[str, str]:
 
 def is_permanent(exc: BaseException) -> bool:
     """True for errors a retry would hit again (bad input, diverging training)."""
-    from calib.training import TrainingError
-
     return isinstance(exc, (ValueError, TrainingError))
 
 
@@ -95,8 +105,6 @@ class _EpochReporter:
         self.best = float("inf")
 
     def __call__(self, ep) -> None:
-        from ray import tune
-
         self.run.log_epoch(ep.epoch, **{schema.TRAIN_LOSS: ep.train_loss, schema.VAL_LOSS: ep.val_loss,
                                         schema.EPOCH_LR: ep.lr})
         if self.index is not None:  # fit() wrote the checkpoint atomically before calling us
@@ -110,8 +118,6 @@ class _EpochReporter:
 def _fetch_upstream(client, ctx: TrialContext, spec: TrialSpec, needs, scratch: Path) -> dict[str, Path]:
     """Download what the trial reads from its upstream run into its scratch folder (deleted
     with it: no per-node cache grows over a 310-trial sweep)."""
-    from tracking.runs import fetch_artifacts
-
     if not needs:
         return {}
     run_id = ctx.upstream_runs.get(spec.upstream or "")
@@ -138,9 +144,6 @@ def reset_peak_rss() -> bool:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB since :func:`reset_peak_rss` (Linux
     ``VmHWM``), or over the process's life (``ru_maxrss``) where ``/proc`` is not available."""
-    import resource
-    import sys
-
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -154,8 +157,6 @@ def peak_rss_mb() -> float:
 
 def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float]:
     """Final metrics and artifacts of a finished stage; returns the metrics."""
-    import pandas as pd
-
     per_subject = result.per_subject
     metrics = {
         schema.DICE_MEAN: float(per_subject["dice"].mean()),
@@ -163,7 +164,7 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         schema.BEST_VAL_LOSS: float(result.best_val_loss),
         schema.N_SUBJECTS: float(per_subject["subject_id"].nunique()),
         schema.COMPUTE_SECONDS: float(seconds),
-        # the cost model's inputs (sweeps/simulate.py, --estimate): seconds per epoch run, and
+        # what a cost model can be checked against (sweeps/cost/): seconds per epoch run, and
         # the peak resident memory of the worker process while it ran this trial
         schema.PEAK_RSS_MB: peak_rss_mb(),
     }
@@ -205,8 +206,6 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
     if getattr(result, "splits", None):
         run.log_json(result.splits, schema.SPLITS)
     if getattr(result, "preview", None):  # one slice of the first test subject, for the report
-        from calib.preview import save_preview
-
         run.log_artifact(save_preview(result.preview, Path(result.weights).parent / schema.PREVIEW))
     run.log_text(per_subject.to_csv(index=False), schema.PER_SUBJECT)
     if val is not None:
@@ -233,16 +232,6 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
 
     A searcher may add ``config["lr"]`` (Optuna), which becomes the trial's learning rate.
     """
-    import ray
-    from ray import tune
-
-    import torch
-
-    from tracking.models import log_trial_lineage, system_metrics
-    from tracking.runs import TrialRun
-    from tracking.store import client as make_client
-    from sweeps.stage_runner import run_stage, upstream_needs
-
     spec = TrialSpec.from_dict(config["spec"])
     if spec.search == "optuna" and config.get("lr") is not None:
         spec = spec.with_lr(config["lr"])

@@ -3,11 +3,11 @@ bookkeeping.
 
 Scheduling: a trial is handed to Tune as soon as its own upstream trial has FINISHED -- the base
 models of fold 0 train while fold 3 still pretrains, a calibration starts once its base model
-exists (:mod:`sweeps.graph`). One ``tune.Tuner`` runs them all: its searcher
-(:class:`sweeps.graph.GraphSearcher`) suggests only ready trials, each with its own resources
+exists (:mod:`sweeps.plan.graph`). One ``tune.Tuner`` runs them all: its searcher
+(:class:`sweeps.plan.graph.GraphSearcher`) suggests only ready trials, each with its own resources
 (``tune.with_resources``), retried ``max_failures`` times and resumed from its last per-epoch
-checkpoint (sweeps.resume) inside its MLflow run; with ``--search optuna`` each group of samples
-is suggested by its :class:`sweeps.search.PlanSearcher` once its base model finished. A trial whose upstream
+checkpoint (sweeps.run.resume) inside its MLflow run; with ``--search optuna`` each group of samples
+is suggested by its :class:`sweeps.plan.search.PlanSearcher` once its base model finished. A trial whose upstream
 failed is skipped; its dependants too.
 
 As each trial ends, the MLflow run is the record: a trial counts as FINISHED only if its run is
@@ -20,19 +20,22 @@ the upstream artifacts from that run.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TextIO
 
-from sweeps.config import GridConfig, Resources
-from sweeps.plan import Plan, TrialSpec
-from sweeps.trainable import ERROR_METRIC, RUN_ID_METRIC, STATUS_METRIC, TrialContext, run_trial, trial_tags
+from ray import tune
+
+from sweeps.grid import Resources
+from sweeps.plan.graph import GraphSearcher, TrialGraph
+from sweeps.plan.search import PlanSearcher
+from sweeps.plan.trials import Plan, TrialSpec
+from sweeps.run.cluster import cluster_resources, env_defaults, trial_slots
+from sweeps.run.trainable import ERROR_METRIC, RUN_ID_METRIC, STATUS_METRIC, TrialContext, run_trial, trial_tags
 from tracking import schema
-from tracking.runs import TrialOutcome
+from tracking.runs import TrialOutcome, reconcile_trial
 
 FINISHED, FAILED, SKIPPED = TrialOutcome.FINISHED, TrialOutcome.FAILED, TrialOutcome.SKIPPED
 DONE_BEFORE, ELSEWHERE = TrialOutcome.DONE_BEFORE, TrialOutcome.ELSEWHERE
@@ -49,132 +52,7 @@ class Outcome:
     compute_seconds: float = 0.0
 
 
-# ---- Ray ---------------------------------------------------------------------------------------
-
-def connect_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> bool:
-    """Connect to ``address`` (or $RAY_ADDRESS), else start a local Ray; True when started here.
-
-    A Ray already initialised in this process (tests, notebooks) is used as it is.
-    """
-    import ray
-
-    # Per-epoch results force an experiment snapshot: expected, not a problem. (The trials'
-    # checkpoints are not Tune's: sweeps.resume keeps them.)
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # The legacy reporter is silent at verbose=0; our callback prints one line per trial.
-    # Ctrl-C must abort the launch (Tune's own handler would end only the current wave).
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=True,
-                  logging_level="INFO" if verbose else "WARNING")
-    if address:
-        ray.init(address=address, **kwargs)
-        return False
-    ray.init(num_cpus=num_cpus, **kwargs)
-    return True
-
-
-def _this_machine_addresses() -> set[str]:
-    """IP addresses and names of this machine (as far as it can tell without a network)."""
-    import socket
-
-    names = {socket.gethostname(), socket.getfqdn(), "localhost"}
-    addresses = set(names)
-    for name in names:
-        try:
-            addresses.update(socket.gethostbyname_ex(name)[2])
-        except OSError:
-            pass
-    try:  # the address of the default route (no packet is sent)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            addresses.add(s.getsockname()[0])
-    except OSError:
-        pass
-    return addresses
-
-
-def is_local_address(address: str | None) -> bool:
-    """True for no address, ``auto``/``local``, or a Ray address whose host is this machine
-    (``127.0.0.1:6379``, ``ray://localhost:10001``, this host's name or IP)."""
-    import ipaddress
-    import socket
-    from urllib.parse import urlsplit
-
-    if not address or address in ("auto", "local"):
-        return True
-    host = urlsplit(address if "://" in address else f"ray://{address}").hostname or ""
-    local = _this_machine_addresses()
-    try:
-        candidates = {host, *socket.gethostbyname_ex(host)[2]}
-    except OSError:
-        candidates = {host}
-    for c in candidates:
-        try:
-            if ipaddress.ip_address(c).is_loopback:
-                return True
-        except ValueError:
-            pass
-    return bool(candidates & local)
-
-
-def alive_nodes() -> int:
-    """Alive nodes of the connected Ray cluster."""
-    import ray
-
-    return sum(1 for n in ray.nodes() if n["Alive"])
-
-
-def resource_problems(trials: Iterable[TrialSpec], cluster: Mapping[str, float]) -> list[str]:
-    """Trials that ask for more CPU/GPU than the whole cluster has (they would wait forever)."""
-    problems, seen = [], set()
-    for t in trials:
-        what = (t.stage, t.method, t.resources)
-        if what in seen:
-            continue
-        seen.add(what)
-        for name, need in (("CPU", t.resources.cpu), ("GPU", t.resources.gpu)):
-            have = float(cluster.get(name, 0.0))
-            if need > have:
-                problems.append(f"{t.stage}/{t.method} trials need {name.lower()} {need:g} per "
-                                f"trial but the Ray cluster has {have:g}")
-    return problems
-
-
-def trial_slots(resources: Resources, cluster: Mapping[str, float], max_concurrent: int | None = None) -> int:
-    """How many trials asking for ``resources`` the cluster runs at once (at least 1): the
-    slots that the summary's ``busy`` divides by."""
-    fits = [int(float(cluster.get(name, 0.0)) // need) for name, need in
-            (("CPU", resources.cpu), ("GPU", resources.gpu)) if need > 0]
-    n = min(fits) if fits else 1
-    if max_concurrent:
-        n = min(n, max_concurrent)
-    return max(1, n)
-
-
-def prepare_data(grid: GridConfig, datasets: Iterable[str], cpus: int = 1) -> dict[str, dict | Exception]:
-    """calib.data preparation of each dataset as a Ray task, in parallel; errors are returned."""
-    import ray
-
-    from sweeps.data_prep import prepare_dataset
-
-    task = ray.remote(lambda g, d, w: prepare_dataset(g, d, workers=w).to_dict())
-    refs = {d: task.options(num_cpus=cpus, max_retries=0).remote(grid, d, cpus) for d in datasets}
-    out: dict[str, dict | Exception] = {}
-    for d, ref in refs.items():
-        try:
-            out[d] = ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:  # the task's own error, without Ray's traceback
-            out[d] = getattr(exc, "cause", None) or exc
-    return out
-
-
 def _resources(config: dict):
-    from ray import tune
-
     return tune.PlacementGroupFactory([Resources(**config["spec"]["resources"]).as_ray()])
 
 
@@ -199,7 +77,7 @@ class ExecutionSettings:
 
     storage_path: str  # Tune's storage: a path every node sees, or a URI (s3://...)
     launch_name: str
-    checkpoint_dir: str | None = None  # sweeps.resume's checkpoint index (None: no mid-training resume)
+    checkpoint_dir: str | None = None  # sweeps.run.resume's checkpoint index (None: no mid-training resume)
     max_failures: int = 2
     max_concurrent: int | None = None
     stage_runner: Callable | None = None
@@ -220,8 +98,6 @@ def _error_text(trial) -> str:
 
 
 def _make_callback(executor: "Executor"):
-    from ray import tune
-
     class GraphCallback(tune.Callback):
         """Settles each trial Tune ends (FINISHED / FAILED from its MLflow run), which releases
         or skips its dependants, and prints one line per trial that ends or is retried (Tune's
@@ -250,7 +126,7 @@ class Executor:
         self.data_errors = dict(data_errors)
         self.out = out
         self.outcomes: dict[str, Outcome] = {}
-        self.graph = None  # the sweeps.graph.TrialGraph of this launch's trials
+        self.graph = None  # the sweeps.plan.graph.TrialGraph of this launch's trials
         self.total = self.done = 0
         self.trials_wall = 0.0  # seconds of the one Tune run (its start-up and shutdown included)
 
@@ -297,10 +173,6 @@ class Executor:
     # ---- Tune --------------------------------------------------------------------------------
 
     def _run_graph(self, trials: list[TrialSpec]) -> None:
-        from ray import tune
-
-        from sweeps.graph import GraphSearcher, TrialGraph
-
         s = self.settings
         self.graph = TrialGraph(trials, {k: r.info.run_id for k, r in self.done_before.items()})
         searcher = GraphSearcher(self.graph, self._optuna_group)
@@ -318,13 +190,13 @@ class Executor:
             verbose=0, callbacks=[_make_callback(self)])
         # Tune keeps one trial PENDING beside the running ones for a custom searcher; one per
         # slot lets every slot's actor start at once (and an autoscaler see the demand).
-        cluster = _cluster_resources()
+        cluster = cluster_resources()
         pending = max(trial_slots(t.resources, cluster, s.max_concurrent) for t in trials)
         print(f"running {len(trials)} trials as a dependency graph "
               f"({', '.join(f'{n} {st}' for st, n in _per_stage(trials))}); each starts when its "
               "upstream has finished", file=self.out, flush=True)
         started = time.monotonic()
-        with _env(TUNE_MAX_PENDING_TRIALS_PG=str(pending)):
+        with env_defaults(TUNE_MAX_PENDING_TRIALS_PG=str(pending)):
             results = tune.Tuner(trainable, param_space={}, tune_config=tune_config,
                                  run_config=run_config).fit()
         self.trials_wall = time.monotonic() - started
@@ -375,8 +247,6 @@ class Executor:
         another launch claimed it (tracking.runs.claimed_elsewhere); otherwise the MLflow run is
         read back and, if a crashed worker left it RUNNING, ended FAILED with Tune's error
         (tracking.runs.reconcile_trial)."""
-        from tracking.runs import reconcile_trial
-
         run_id, status = result.get(RUN_ID_METRIC), result.get(STATUS_METRIC)
         if not error and run_id and status in (DONE_BEFORE, ELSEWHERE):
             return Outcome(spec, TrialOutcome(status), run_id, error=str(result.get(ERROR_METRIC, "")))
@@ -392,8 +262,6 @@ class Executor:
     def _optuna_group(self, group: str, specs: list[TrialSpec]):
         """The PlanSearcher of one Optuna group, seeded by the group's place in the plan (the
         same seed whatever else this launch runs)."""
-        from sweeps.search import PlanSearcher
-
         groups = sorted({t.search_group for t in self.plan.trials if t.search == "optuna"})
         grid = self.plan.grid.search
         return PlanSearcher(specs, grid.lr_low, grid.lr_high, grid.seed + groups.index(group),
@@ -412,25 +280,6 @@ class Executor:
             if lr and loss is not None:
                 prior.setdefault(t.search_group, []).append((float(lr), float(loss)))
         return prior
-
-
-def _cluster_resources() -> dict[str, float]:
-    import ray
-
-    return dict(ray.cluster_resources())
-
-
-@contextlib.contextmanager
-def _env(**values: str):
-    """Environment variables set for the block unless the user set them (Tune reads some of
-    its settings from the environment when a run starts)."""
-    added = {k: v for k, v in values.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
 
 
 def _per_stage(trials: Iterable[TrialSpec]) -> list[tuple[str, int]]:

@@ -19,124 +19,27 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
+from calib.data import paper_folds_file
 from calib.methods.recipes import RECIPES
+from calib.schedule import TrainConfig
 from calib.vocabulary import (BASE, CALIBRATE, EXTERNAL_WEIGHTS, PREDICTIONS_KIND, PRETRAIN,
-                              PRETRAINED_WEIGHTS)
-from sweeps.config import GridConfig, Resources, method_params, resolved_method_params
+                              PRETRAINED_WEIGHTS, STAGES)
+from sweeps.grid import GridConfig, calibrate_train_config, method_params, resolved_method_params
+from sweeps.plan.trials import KEY_VERSION, Plan, TrialSpec, trial_key
 
-KEY_VERSION = 1
-KEY_LENGTH = 20  # hex digits (80 bits): no collision in any realistic experiment, still readable
-
-
-def trial_key(payload: dict) -> str:
-    """Stable hash of a JSON-able payload (sorted keys, ``repr``-exact floats)."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """One trial: what to run, its key, its upstream trial and its resources.
-
-    ``config`` is the payload the key hashes (logged as the trial's resolved config). For a trial
-    whose LR an Optuna search picks, ``lr`` is None until the searcher fills it (``with_lr``) and
-    ``search_group`` names the trials that share one search (dataset, weights, fold, method).
-    """
-
-    key: str
-    stage: str
-    dataset: str
-    weights: str
-    method: str
-    fold: int
-    lr: float | None
-    params: dict
-    upstream: str | None
-    wave: int
-    resources: Resources
-    config: dict
-    search: str = "grid"
-    sample: int | None = None
-    search_group: str | None = None
-
-    @property
-    def label(self) -> str:
-        """``calibrate brats18/CE/mc_decoder lr=0.001 fold 2``."""
-        what = "/".join(x for x in (self.dataset, self.weights if self.stage != PRETRAIN else "",
-                                   self.method if self.stage == CALIBRATE else "") if x)
-        lr = f" lr={self.lr:g}" if self.lr is not None else (
-            f" lr=optuna#{self.sample}" if self.search == "optuna" else "")
-        return f"{self.stage} {what}{lr} fold {self.fold}"
-
-    @property
-    def lr_tag(self) -> str:
-        """``calib.lr``: the LR as text, empty when the method has none."""
-        return "" if self.lr is None else f"{self.lr:g}"
-
-    def with_lr(self, lr: float) -> "TrialSpec":
-        """This trial with the LR a searcher chose (the key, fixed at planning, is unchanged)."""
-        lr = float(lr)
-        return dataclasses.replace(self, lr=lr, params=dict(self.params, lr=lr),
-                                   config=dict(self.config, lr=lr))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["resources"] = {"cpu": self.resources.cpu, "gpu": self.resources.gpu}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrialSpec":
-        d = dict(d)
-        d["resources"] = Resources(**d["resources"])
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """All trials of a grid, in dependency order."""
-
-    grid: GridConfig
-    trials: tuple[TrialSpec, ...]
-    by_key: dict[str, TrialSpec] = field(default_factory=dict, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.by_key.update({t.key: t for t in self.trials})
-        if len(self.by_key) != len(self.trials):
-            dup = [k for k, n in Counter(t.key for t in self.trials).items() if n > 1]
-            raise ValueError(f"two trials share key {dup[0]}: the grid repeats a point")
-
-    def waves(self) -> list[list[TrialSpec]]:
-        """Trials grouped by dependency depth; every trial's upstream is in an earlier wave."""
-        out: dict[int, list[TrialSpec]] = {}
-        for t in self.trials:
-            out.setdefault(t.wave, []).append(t)
-        return [out[w] for w in sorted(out)]
-
-    def counts(self) -> Counter:
-        """Trials per (stage, method)."""
-        return Counter((t.stage, t.method) for t in self.trials)
-
-    def downstream_of(self, keys: Iterable[str]) -> set[str]:
-        """Keys of every trial that depends, directly or not, on one of ``keys``."""
-        bad = set(keys)
-        out: set[str] = set()
-        for t in self.trials:  # dependency order: an upstream comes before its dependants
-            if t.upstream in bad or t.upstream in out:
-                out.add(t.key)
-        return out
+if TYPE_CHECKING:
+    from calib.nets import UNetConfig
 
 
 # ---- resolution of the science configs (calib owns the classes) ---------------------------------
 
-def net_config(grid: GridConfig, dataset: str):
+def net_config(grid: GridConfig, dataset: str) -> "UNetConfig":
     """The calib.nets.UNetConfig of ``dataset`` under the grid's network preset."""
-    from calib.nets import UNetConfig
+    from calib.nets import UNetConfig  # torch: deferred, see sweeps.plan.trials.unet_config
 
     paper = UNetConfig.paper(dataset)
     if grid.network.preset == "paper":
@@ -150,6 +53,8 @@ def net_config(grid: GridConfig, dataset: str):
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump()
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -192,13 +97,18 @@ def _folds_digest(grid: GridConfig, dataset: str) -> str | None:
     if grid.folds.file is None:
         return None
     if grid.folds.is_paper:
-        from calib.data import paper_folds_file
-
         return _file_digest(paper_folds_file(dataset))
     return _file_digest(grid.folds.file)
 
 
 # ---- expansion -----------------------------------------------------------------------------------
+
+def _train_config(stage: str, settings: dict) -> TrainConfig | None:
+    """The TrainConfig a trial of ``stage`` runs with (None: nothing trains, an import's score)."""
+    if not settings:
+        return None
+    return calibrate_train_config(settings) if stage == CALIBRATE else TrainConfig(**settings)
+
 
 def expand(grid: GridConfig) -> Plan:
     """The grid's trials in dependency order (module doc); counts are exact, nothing is sampled."""
@@ -209,14 +119,14 @@ def expand(grid: GridConfig) -> Plan:
     def resolved(m, weights, lr):
         k = (m.name, weights, lr)
         if k not in resolved_cache:
-            resolved_cache[k] = resolved_method_params(m, weights, lr, grid.training[CALIBRATE],
-                                                       grid.seed)
+            resolved_cache[k] = resolved_method_params(m, weights, lr,
+                                                       grid.training[CALIBRATE].settings(grid.seed))
         return resolved_cache[k]
 
     for dataset in grid.datasets:
         ds = dataset.name
         external = dataset.predictions is not None
-        net = None if external else _jsonable(net_config(grid, ds))
+        net = None if external else net_config(grid, ds)
         data = _data_payload(grid, ds)
 
         def make(stage, weights, method, fold, lr, params, upstream, wave, train, resolved_params,
@@ -224,7 +134,7 @@ def expand(grid: GridConfig) -> Plan:
             payload = {"version": KEY_VERSION, "stage": stage, "dataset": ds, "weights": weights,
                        "method": method, "fold": fold, "lr": lr,
                        "params": _jsonable(resolved_params), "train": _jsonable(train),
-                       "net": net, "data": data, "seed": grid.seed, "upstream": upstream}
+                       "net": _jsonable(net), "data": data, "seed": grid.seed, "upstream": upstream}
             group = None
             if sample is not None:
                 payload["search"] = {"kind": "optuna", "sample": sample, "lr_low": search.lr_low,
@@ -233,16 +143,15 @@ def expand(grid: GridConfig) -> Plan:
             t = TrialSpec(key=trial_key(payload), stage=stage, dataset=ds, weights=weights,
                           method=method, fold=fold, lr=lr, params=dict(params), upstream=upstream,
                           wave=wave, resources=grid.execution.resources_for(stage, method),
-                          config=payload, search="optuna" if sample is not None else "grid",
+                          config=payload, train=_train_config(stage, train), split=grid.split,
+                          net=net, search="optuna" if sample is not None else "grid",
                           sample=sample, search_group=group)
             trials.append(t)
             return t
 
         # Pretrain / base LRs live in their training config: only calibration has an LR axis.
         # The network's L2 penalty goes with it into every stage that trains U-Net layers.
-        decay = grid.network.weight_decay_for(ds)
-        train = {s: dict(grid.training[s], seed=grid.seed, **({"weight_decay": decay} if decay else {}))
-                 for s in grid.training}
+        train = {s: grid.stage_settings(s, ds) for s in STAGES}
         if external:
             _expand_external(grid, make, resolved, train)
             continue

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from calib import atomic_io
+from tracking.runs import close_stale_runs, finished_trial_runs
 
 #: Name of the checkpoint index inside a grid's work dir.
 CHECKPOINTS_DIR = "checkpoints"
@@ -113,8 +114,6 @@ class PickedUp:
 def pick_up(client, experiment_id: str, keys: Iterable[str], resume: bool) -> PickedUp:
     """Close what dead launches left RUNNING (``resume`` only; tracking.runs.close_stale_runs),
     then find the FINISHED runs of ``keys``; with ``resume`` those trials are done before."""
-    from tracking.runs import close_stale_runs, finished_trial_runs
-
     closed = close_stale_runs(client, experiment_id) if resume else []
     finished = finished_trial_runs(client, experiment_id, keys)
     return PickedUp(closed, finished, dict(finished) if resume else {})

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweeps.config import DatasetSpec, GridConfig
+from calib.data import make_folds, paper_folds_file, preprocess_dataset, read_folds, read_meta, write_phantoms
+from calib.data.predictions import PredictionsConfig, import_predictions
+from sweeps.grid import DatasetSpec, GridConfig
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,6 @@ def ensure_phantoms(spec: DatasetSpec) -> None:
     concurrent launch writes them at the same time), a root holding anything else is one
     DataError naming what it holds and what the grid asks for.
     """
-    from calib.data import write_phantoms
-
     assert spec.phantom is not None and spec.root is not None
     ph = spec.phantom
     write_phantoms(spec.name, spec.root, ph.subjects, ph.seed, ph.shape, label_noise=ph.label_noise)
@@ -50,8 +50,6 @@ def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) 
 
     Raises calib.data.DataError (a message naming the file or subject) when the data are unusable.
     """
-    from calib.data import make_folds, paper_folds_file, preprocess_dataset, read_folds, read_meta
-
     spec = grid.dataset(dataset)
     if spec.predictions is not None:
         cache = import_external(grid, dataset)
@@ -81,12 +79,9 @@ def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) 
                         folds={int(k): list(v) for k, v in folds.items()})
 
 
-
 def import_external(grid: GridConfig, dataset: str) -> Path:
     """Another network's predictions imported into the caches (calib.data.predictions: checked,
     put in RAS order, written as a preprocessed + logit cache, keyed by rule and files)."""
-    from calib.data.predictions import PredictionsConfig, import_predictions
-
     p = grid.dataset(dataset).predictions
     config = PredictionsConfig.make(p.predictions, p.labels, p.values, p.masks, p.mask_threshold, p.foreground)
     return import_predictions(config, grid.cache_dir, dataset)

@@ -3,9 +3,9 @@
 Each (dataset, weights, fold, method) is its own search -- the best LR of one base model says
 little about another's -- with the grid's budget: as many samples as the grid has LRs (3 in the
 paper), drawn log-uniformly from ``[lr_low, lr_high]`` and scored by ``best_val_loss``.
-:class:`PlanSearcher` runs all of them, and the wave's fixed trials, inside one Tuner: it hands
-out the fixed trials first, then one sample at a time per search (TPE learns from the finished
-ones), so parallelism comes from running many searches side by side.
+:class:`PlanSearcher` runs the searches of the samples it is given (the graph scheduler gives it
+one group, once its base model finished: sweeps.plan.graph), one sample at a time per search
+(TPE learns from the finished ones), so parallelism comes from running many searches side by side.
 
 Each search is a ``ray.tune.search.optuna.OptunaSearch`` with a seeded TPE sampler; on
 ``--resume`` the samples that already finished are given to it as evaluated points.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ray.tune.search import Searcher
 
-from sweeps.plan import TrialSpec
+from sweeps.plan.trials import TrialSpec
 
 METRIC, MODE = "best_val_loss", "min"
 
@@ -35,6 +35,7 @@ class _Group:
 
 
 def _optuna_searcher(low: float, high: float, seed: int, prior: Sequence[tuple[float, float]]):
+    # Optuna loads only for --search optuna (a second or more); the grid search never needs it
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -49,21 +50,21 @@ def _optuna_searcher(low: float, high: float, seed: int, prior: Sequence[tuple[f
 
 
 class PlanSearcher(Searcher):
-    """Fixed trials plus one Optuna search per group of ``TrialSpec.search_group``.
+    """One Optuna search per ``TrialSpec.search_group`` of ``trials`` (Optuna samples only).
 
     ``prior``: group -> [(lr, best_val_loss)] of samples finished by earlier launches.
-    Suggestions are ``{"spec": TrialSpec.to_dict()}`` (fixed) or ``{"spec": ..., "lr": x}``.
+    Suggestions are ``{"spec": TrialSpec.to_dict(), "lr": x}``.
     """
 
     def __init__(self, trials: Sequence[TrialSpec], low: float, high: float, seed: int = 0,
                  prior: Mapping[str, Sequence[tuple[float, float]]] | None = None):
         super().__init__(metric=METRIC, mode=MODE)
         prior = prior or {}
-        self._fixed = [t.to_dict() for t in trials if t.search != "optuna"]
         groups: dict[str, list[TrialSpec]] = {}
         for t in trials:
-            if t.search == "optuna":
-                groups.setdefault(t.search_group, []).append(t)
+            if t.search != "optuna":
+                raise ValueError(f"{t.label}: not an Optuna sample (the graph scheduler runs it)")
+            groups.setdefault(t.search_group, []).append(t)
         self._groups = []
         for i, (name, specs) in enumerate(sorted(groups.items())):
             searcher = _optuna_searcher(low, high, seed + i, prior.get(name, ()))
@@ -72,16 +73,10 @@ class PlanSearcher(Searcher):
         self._owner: dict[str, _Group] = {}
         self._turn = 0
 
-    @property
-    def total(self) -> int:
-        return len(self._fixed) + sum(len(g.specs) for g in self._groups)
-
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # metric and mode are fixed (module doc)
 
     def suggest(self, trial_id: str):
-        if self._fixed:
-            return {"spec": self._fixed.pop(0)}
         n = len(self._groups)
         for i in range(n):  # round robin, so every search advances
             g = self._groups[(self._turn + i) % n]
@@ -109,8 +104,7 @@ class PlanSearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         """A progress note for Tune's experiment checkpoint (the sweep resumes by trial key)."""
         with open(checkpoint_path, "w") as fh:
-            json.dump({"fixed_left": len(self._fixed),
-                       "groups": {g.name: {"left": len(g.specs), "done": g.done} for g in self._groups}}, fh)
+            json.dump({"groups": {g.name: {"left": len(g.specs), "done": g.done} for g in self._groups}}, fh)
 
     def restore(self, checkpoint_path: str) -> None:  # pragma: no cover - see save()
         pass
