@@ -74,7 +74,8 @@ class GridLoader:
             preprocessing=gf.preprocessing, folds=folds, network=network, weights=gf.weights,
             training=gf.training, methods=methods, search=self.search(gf),
             execution=self.execution(gf), work_dir=work_dir,
-            val_fraction=gf.val_fraction, calib_fraction=gf.calib_fraction)
+            val_fraction=gf.val_fraction, calib_fraction=gf.calib_fraction,
+            losses=frozen_map({w: frozen_map(p) for w, p in gf.losses.items()}))
         if self.require_data:
             self.check_data(datasets)
         return grid

@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
+from calib.loss_recipes import loss_params
 from calib.methods.recipes import resolve
 from calib.schedule import TrainConfig
-from calib.vocabulary import EXTERNAL_WEIGHTS, IMAGES_KIND, PREDICTIONS_KIND, STAGES
+from calib.vocabulary import EXTERNAL_WEIGHTS, IMAGES_KIND, PREDICTIONS_KIND, STAGES, TRAIN_TIME_WEIGHTS
 from sweeps.grid.schedules import TrainingSection, train_config
 from sweeps.grid.sections import (Execution, Folds, MethodSpec, Network, PhantomSpec, PredictionsSpec,
                                   Preprocessing, Resources, Search)
@@ -80,6 +81,8 @@ class GridConfig:
     work_dir: Path
     val_fraction: float
     calib_fraction: float
+    #: the train-time calibration losses' parameters by weights, as the grid set them
+    losses: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def dataset(self, name: str) -> DatasetSpec:
         return next(d for d in self.datasets if d.name == name)
@@ -96,6 +99,14 @@ class GridConfig:
         """How every fold of this grid is split."""
         return SplitSettings(self.protocol, self.seed, self.val_fraction, self.calib_fraction,
                              self.folds.n_folds)
+
+    def loss_params(self, weights: str) -> dict[str, Any]:
+        """The resolved parameters of the loss base ``weights`` train with: the train-time
+        calibration losses' defaults (calib.loss_recipes) updated by ``losses.<weights>``; none
+        for the paper's weights (their losses have no parameters)."""
+        if weights not in TRAIN_TIME_WEIGHTS:
+            return {}
+        return loss_params(weights, self.losses.get(weights))
 
     def stage_settings(self, stage: str, dataset: str) -> dict[str, Any]:
         """The training settings of ``stage``'s trials on ``dataset`` as their keys record them:
@@ -115,7 +126,8 @@ class GridConfig:
                 return {}
             ph = d.phantom
             return {"phantom": {"subjects": ph.subjects, "seed": ph.seed,
-                                "shape": None if ph.shape is None else list(ph.shape)}}
+                                "shape": None if ph.shape is None else list(ph.shape),
+                                "label_noise": ph.label_noise}}
 
         resources = self.execution.resources
         return {
@@ -139,6 +151,7 @@ class GridConfig:
                         "base": self.network.base,
                         "weight_decay": dict(self.network.weight_decay)},
             "weights": list(self.weights),
+            "losses": {w: dict(p) for w, p in self.losses.items()},
             "training": {s: self.training[s].given() for s in STAGES},
             "methods": {m.name: {"params": dict(m.params),
                                  "lr": list(m.lrs) or dict(m.lr_by_weights) or None} for m in self.methods},

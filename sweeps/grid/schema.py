@@ -18,9 +18,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
+from calib.loss_recipes import loss_params
 from calib.methods.recipes import RECIPES
 from calib.vocabulary import (BASE_WEIGHTS, CALIBRATE, DATASETS, METHODS, PAPER_WEIGHTS, PREDICTIONS_KIND,
-                              PROTOCOLS, STAGES)
+                              PROTOCOLS, STAGES, TRAIN_TIME_WEIGHTS)
 from sweeps.grid.checks import GridError, GridProblem, mapping_keys_at, names
 from sweeps.grid.schedules import CalibrationSchedule, Schedule, TrainingSection, TrainSchedule
 from sweeps.grid.sections import (SEARCHED_METHODS, DataSection, Execution, Folds, ImagesDataset, Index,
@@ -36,6 +37,29 @@ SECTIONS = (Section, PhantomSpec, ImagesDataset, PredictionsSpec, DataSection, P
 
 def _name_is_text(value: Any) -> str:
     return str(value)
+
+
+def _losses(value: Any) -> dict[str, dict[str, Any]]:
+    """``losses``: per train-time weights value, its loss parameters, checked (not yet merged
+    with the defaults: the grid keeps what it set)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise GridProblem(f"must map train-time weights ({', '.join(TRAIN_TIME_WEIGHTS)}) to their "
+                          f"loss parameters, got {value!r}")
+    out = {}
+    for weights, params in value.items():
+        if weights not in TRAIN_TIME_WEIGHTS:
+            raise GridProblem(f"{weights!r} has no loss parameters; valid: {', '.join(TRAIN_TIME_WEIGHTS)}",
+                              weights)
+        if params is not None and not isinstance(params, Mapping):
+            raise GridProblem(f"must be a mapping of parameters, got {params!r}", weights)
+        try:
+            loss_params(weights, params)
+        except ValueError as exc:
+            raise GridProblem(str(exc), weights) from None
+        out[weights] = dict(params or {})
+    return out
 
 
 class GridFile(Section):
@@ -54,6 +78,8 @@ class GridFile(Section):
     folds: Folds = Folds()
     network: Network = Network()
     weights: Annotated[tuple[str, ...], BeforeValidator(lambda v: names(v, BASE_WEIGHTS, "weights"))] = PAPER_WEIGHTS
+    #: ``losses.<weights>``: parameters of a train-time calibration loss (calib.loss_recipes)
+    losses: Annotated[dict[str, dict[str, Any]], BeforeValidator(lambda v: _losses(v))] = {}
     training: TrainingSection = TrainingSection()
     methods: Annotated[dict[str, MethodSpec], BeforeValidator(methods_of)] = Field(None, validate_default=True)
     search: Search = Search()
@@ -92,6 +118,10 @@ class GridFile(Section):
             raise GridProblem(f"val_fraction + calib_fraction must be < 1 (the rest trains the base "
                               f"model), got {self.val_fraction} + {self.calib_fraction}", "calib_fraction")
         mapping_keys_at("data.roots", self.data.roots, self.images)
+        for weights in self.losses:
+            if weights not in self.weights:
+                raise GridProblem(f"sets parameters of weights {weights!r}, which the grid does not "
+                                  f"train (weights: {', '.join(self.weights)})", f"losses.{weights}")
         self._check_training()
         self._check_methods()
         return self

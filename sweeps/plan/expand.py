@@ -161,8 +161,10 @@ def expand(grid: GridConfig) -> Plan:
                 pre = make(PRETRAIN, "CE", PRETRAIN, fold, None, {}, None, 0, train[PRETRAIN], {})
             for weights in grid.weights:
                 up = pre if weights in PRETRAINED_WEIGHTS else None
-                base = make(BASE, weights, BASE, fold, None, {}, None if up is None else up.key,
-                            0 if up is None else 1, train[BASE], {})
+                # a train-time calibration loss's parameters are the base trial's (and its key's)
+                loss = grid.loss_params(weights)
+                base = make(BASE, weights, BASE, fold, None, loss, None if up is None else up.key,
+                            0 if up is None else 1, train[BASE], loss)
                 for m in grid.methods:
                     if search.kind == "optuna" and m.name in search.methods:
                         for i in range(search.samples or len(m.lrs)):

@@ -61,7 +61,8 @@ def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[
         return run_pretrain(spec.net, spec.train, split, work_dir, device, callbacks)
     if spec.stage == BASE:
         return run_base(spec.weights, spec.net, spec.train, split, work_dir, device,
-                        init_weights=upstream.get(WEIGHTS_ARTIFACT), callbacks=callbacks)
+                        init_weights=upstream.get(WEIGHTS_ARTIFACT), callbacks=callbacks,
+                        loss_params=spec.params or None)
     return run_calibrate(spec.method, spec.params, spec.weights, spec.net, spec.train, split,
                          base_weights=upstream.get(WEIGHTS_ARTIFACT),
                          base_logits=upstream.get(LOGITS_ARTIFACT), work_dir=work_dir,

@@ -40,6 +40,7 @@ def _grid(root: Path) -> Path:
         "folds": {"n_folds": 2, "seed": 0, "only": [0]},
         "network": {"preset": "tiny", "levels": 2, "base": 2},
         "weights": ["CE-SD", "focal", "svls", "ace"],
+        "losses": {"focal": {"gamma": 3.0}},  # one set by the grid, the others their defaults
         "training": {"pretrain": {"lr": 1.0e-2, "max_epochs": 2, "batch_size": 2},
                      "base": {"lr": 1.0e-2, "max_epochs": 2, "batch_size": 2},
                      "calibrate": {"max_epochs": 2}},
@@ -88,7 +89,8 @@ def test_the_same_launch_twice_gives_identical_trials_and_train_time_losses_run(
     # what the stage resolved)
     base = {w: params for _, _, params, stage, w in first.values() if stage == "base"}
     assert set(base) == {"CE-SD", "focal", "svls", "ace"}
-    assert float(base["focal"]["result.loss.gamma"]) == 2.0  # calib.losses' defaults
+    assert float(base["focal"]["result.loss.gamma"]) == 3.0  # the grid's
+    # calib.loss_recipes' defaults
     assert float(base["svls"]["result.loss.sigma"]) == 1.0 and int(base["svls"]["result.loss.size"]) == 3
     assert float(base["ace"]["result.loss.weight"]) == 1.0 and int(base["ace"]["result.loss.n_bins"]) == 20
     assert not any(k.startswith("result.loss.") for k in base["CE-SD"])

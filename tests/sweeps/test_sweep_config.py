@@ -277,3 +277,41 @@ def test_the_demo_tests_on_twelve_subjects_and_fits_on_two(tmp_path):
             s = make_split(tmp_path, folds, fold, demo.protocol, demo.seed, demo.val_fraction,
                            demo.calib_fraction)
             assert len(s.test_ids) >= 12 and len(s.val_ids) >= 2 and len(s.calib_ids) >= 2, d.name
+
+
+def _without_finetune(raw: dict) -> dict:
+    """The paper grid less fine-tuning, whose LRs by weights name only the paper's three."""
+    raw["methods"].pop("finetune")
+    raw.get("resources", {}).get("methods", {}).pop("finetune", None)
+    return raw
+
+
+@pytest.mark.parametrize("losses, expected", [
+    ({"focal": {"gama": 3}}, r"losses\.focal: loss 'focal': unknown parameter 'gama'; valid: gamma"),
+    ({"focal": {"gamma": -1}}, r"losses\.focal: .*must be >= 0"),
+    ({"svls": {"sigma": 2}}, r"losses\.svls: sets parameters of weights 'svls', which the grid does not train"),
+    ({"CE": {}}, r"losses\.CE: 'CE' has no loss parameters; valid: focal, svls, ace"),
+])
+def test_bad_loss_parameters_are_one_clear_line(tmp_path, losses, expected):
+    raw = _paper(weights=["CE-SD", "focal"], losses=losses)
+    _without_finetune(raw)
+    with pytest.raises(GridError, match=expected):
+        load_grid(_write(tmp_path, raw), require_data=False, env={})
+
+
+def test_loss_parameters_go_to_the_base_trials_and_their_keys(tmp_path):
+    from sweeps.plan import expand
+
+    raw = _without_finetune(_paper(weights=["CE-SD", "focal", "svls"]))
+    default = expand(load_grid(_write(tmp_path, raw), require_data=False, env={}))
+    raw["losses"] = {"focal": {"gamma": 3}}
+    grid = load_grid(_write(tmp_path, raw), require_data=False, env={})
+    assert yaml.safe_load(grid.to_yaml())["losses"] == {"focal": {"gamma": 3}}
+    changed = expand(grid)
+    base = {t.weights: t for t in changed.trials if t.stage == "base" and t.fold == 0}
+    assert base["focal"].params == {"gamma": 3.0} and base["svls"].params["sigma"] == 1.0
+    assert base["CE-SD"].params == {}
+    # only the focal branch (its base models and what calibrates them) gets new keys
+    old = {t.key for t in default.trials}
+    moved = {(t.stage, t.weights) for t in changed.trials if t.key not in old}
+    assert moved == {("base", "focal"), ("calibrate", "focal")}
