@@ -38,10 +38,10 @@ from tracking import runs as tr
 from tracking import schema
 from tracking.guard import degenerate_models
 from tracking.lease import Heartbeat, driver_tags, heartbeat_every, live_leases
-from tracking.models import prepare_experiment, source_tags
 from tracking.store import (TrackingError, check_reachable, get_or_create_experiment, local_store_path,
                             resolve_tracking_uri, ui_command)
 from tracking.store import client as make_client
+from tracking.ui import prepare_experiment, source_tags
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
 ENTRY_POINT = "sweeps/launch.py"  # mlflow.source.name of every run a launch creates
@@ -199,7 +199,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     for other in live:
         print(f"note: {other.describe()} is live on experiment {experiment}; --force-concurrent: "
               "this launch runs only the trials it has not claimed", file=out)
-    runs_url = prepare_experiment(client, exp_id, uri)  # the UI opens on the runs (tracking.models)
+    runs_url = prepare_experiment(client, exp_id, uri)  # the UI opens on the runs (tracking.ui)
     run_tags = source_tags(ENTRY_POINT, git_commit())
     picked = pick_up(client, exp_id, plan.by_key, opts.resume)
     if picked.closed:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from mlflow.tracking import MlflowClient
 
 from tracking import schema
-from tracking.runs import RUNNING
+from tracking.store import RUNNING, search_runs
 
 DEFAULT_TIMEOUT_S = 180.0
 HEARTBEAT_EVERY_S = 30.0
@@ -149,8 +149,6 @@ def lease_of(run, now: float | None = None) -> Lease:
 
 def live_leases(client: MlflowClient, experiment_id: str, exclude: Iterable[str] = ()) -> list[Lease]:
     """The live leases of the experiment's RUNNING sweep runs (but ``exclude``), newest first."""
-    from tracking.runs import search_runs
-
     skip = set(exclude)
     filt = f"tags.`{schema.ROLE}` = '{schema.ROLE_SWEEP}' and attributes.status = '{RUNNING}'"
     now = time.time()

@@ -20,14 +20,13 @@ Guarantees the sweep relies on:
   yields and keeps no run. Claiming needs the store: while it is unreachable no trial starts
   (Ray retries the attempt), so none runs unclaimed.
 * **Upstream results across nodes.** A downstream trial finds its upstream run by trial key
-  (:func:`finished_trial_runs`) and downloads its artifacts (:func:`fetch_artifacts`) through the
+  (:func:`finished_trial_runs`) and downloads its artifacts (tracking.store.fetch_artifacts) through the
   tracking server -- no path that exists on one node only.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,15 +34,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from calib import atomic_io
 from tracking import schema
-
-# MLflow's run statuses as its client takes and returns them (``run.info.status``).
-RUNNING, FINISHED, FAILED, KILLED = (RunStatus.to_string(s) for s in
-                                     (RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
+from tracking.lease import LeaseCache
+from tracking.store import FAILED, FINISHED, KILLED, RUNNING, quoted, search_runs
 _MAX_TAG = 5000  # MLflow's tag value limit is 8000; one line of error is enough
 
 
@@ -84,23 +80,6 @@ def error_message(exc: BaseException, context: str = "") -> str:
     """``[context: ]Type: message`` -- the ``calib.error`` text of a run ended by ``exc``."""
     text = f"{type(exc).__name__}: {exc}"
     return f"{context}: {text}" if context else text
-
-
-def _q(value: str) -> str:
-    """Quote a value for an MLflow filter string."""
-    return "'" + str(value).replace("'", "\\'") + "'"
-
-
-def search_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
-    """Every run matching ``filter_string``, newest first (all pages)."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def _now_ms() -> int:
@@ -167,7 +146,7 @@ def finished_trial_runs(client: MlflowClient, experiment_id: str,
     """The newest FINISHED trial run per trial key in the experiment (optionally only ``keys``)."""
     wanted = None if keys is None else set(keys)
     out: dict[str, Any] = {}
-    filt = f"tags.`{schema.ROLE}` = {_q(schema.ROLE_TRIAL)} and attributes.status = {_q(FINISHED)}"
+    filt = f"tags.`{schema.ROLE}` = {quoted(schema.ROLE_TRIAL)} and attributes.status = {quoted(FINISHED)}"
     for run in search_runs(client, experiment_id, filt):  # newest first: first seen wins
         key = run.data.tags.get(schema.TRIAL_KEY)
         if key and (wanted is None or key in wanted) and key not in out:
@@ -178,8 +157,8 @@ def finished_trial_runs(client: MlflowClient, experiment_id: str,
 def trial_runs_under(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
     """The newest trial run per trial key among the children of ``parent_run_id``."""
     out: dict[str, Any] = {}
-    filt = (f"tags.`{schema.ROLE}` = {_q(schema.ROLE_TRIAL)} and "
-            f"tags.`{schema.PARENT_RUN_ID}` = {_q(parent_run_id)}")
+    filt = (f"tags.`{schema.ROLE}` = {quoted(schema.ROLE_TRIAL)} and "
+            f"tags.`{schema.PARENT_RUN_ID}` = {quoted(parent_run_id)}")
     for run in search_runs(client, experiment_id, filt):
         out.setdefault(run.data.tags.get(schema.TRIAL_KEY, ""), run)
     return out
@@ -187,8 +166,8 @@ def trial_runs_under(client: MlflowClient, experiment_id: str, parent_run_id: st
 
 def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_key: str):
     """The newest run of ``trial_key`` under ``parent_run_id`` (any status), or None."""
-    filt = (f"tags.`{schema.TRIAL_KEY}` = {_q(trial_key)} and "
-            f"tags.`{schema.PARENT_RUN_ID}` = {_q(parent_run_id)}")
+    filt = (f"tags.`{schema.TRIAL_KEY}` = {quoted(trial_key)} and "
+            f"tags.`{schema.PARENT_RUN_ID}` = {quoted(parent_run_id)}")
     found = search_runs(client, experiment_id, filt)
     return found[0] if found else None
 
@@ -203,9 +182,7 @@ def claimed_elsewhere(client: MlflowClient, experiment_id: str, parent_run_id: s
     that claim at once agree on who won -- or FINISHED since this launch started (a concurrent
     launch did the trial; runs finished before are what a launch without ``--resume`` repeats).
     """
-    from tracking.lease import LeaseCache
-
-    filt = f"tags.`{schema.TRIAL_KEY}` = {_q(trial_key)} and tags.`{schema.ROLE}` = {_q(schema.ROLE_TRIAL)}"
+    filt = f"tags.`{schema.TRIAL_KEY}` = {quoted(trial_key)} and tags.`{schema.ROLE}` = {quoted(schema.ROLE_TRIAL)}"
     leases, launch_start = None, None
     for run in search_runs(client, experiment_id, filt):
         if run.info.run_id == own_run_id or run.data.tags.get(schema.PARENT_RUN_ID) == parent_run_id:
@@ -230,12 +207,10 @@ def close_stale_runs(client: MlflowClient, experiment_id: str, keep: Iterable[st
     this machine) will never be ended by anybody. The runs of a live launch are never touched,
     nor runs in ``keep``.
     """
-    from tracking.lease import LeaseCache
-
     keep = set(keep)
     leases = LeaseCache(client, ttl_s=float("inf"))
     closed = []
-    filt = f"attributes.status = {_q(RUNNING)}"
+    filt = f"attributes.status = {quoted(RUNNING)}"
     for run in search_runs(client, experiment_id, filt):
         role = run.data.tags.get(schema.ROLE)
         if run.info.run_id in keep or role not in (schema.ROLE_SWEEP, schema.ROLE_TRIAL):
@@ -453,26 +428,3 @@ def _param_text(v: Any) -> str:
         v = json.dumps(v, sort_keys=True, default=str)
     text = str(v)
     return text if len(text) <= 6000 else text[:5997] + "..."
-
-
-# ---- upstream artifacts --------------------------------------------------------------------------
-
-def fetch_artifacts(client: MlflowClient, run_id: str, artifact_path: str, cache_root: Path) -> Path:
-    """Local copy of ``artifact_path`` of ``run_id`` under ``cache_root/<run_id>/``.
-
-    Downloaded once per ``cache_root``; concurrent callers are safe: each downloads into its own
-    temporary folder and the first to finish is renamed into place, so a reader never sees a
-    half-written copy.
-    """
-    target = Path(cache_root) / run_id / artifact_path
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_io.temp_folder(target)
-    try:
-        local = Path(client.download_artifacts(run_id, artifact_path, str(tmp)))
-        atomic_io.move_into_place(local, target)  # a lost race leaves the winner's copy
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-

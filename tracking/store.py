@@ -1,4 +1,5 @@
-"""Where the runs go: tracking URI resolution, a reachability check, the experiment.
+"""Where the runs go: tracking URI resolution, a reachability check, the experiment, and the
+lookups every reader of the store shares (MLflow's run statuses, :func:`search_runs`).
 
 Precedence of the tracking URI: ``--tracking-uri``, then ``$MLFLOW_TRACKING_URI``, then a SQLite
 file ``mlflow.db`` in the working directory. Local URIs are made absolute because Ray workers run
@@ -11,12 +12,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from calib import atomic_io
+
+# MLflow's run statuses as its client takes and returns them (``run.info.status``).
+RUNNING, FINISHED, FAILED, KILLED = (RunStatus.to_string(s) for s in
+                                     (RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED))
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB = "mlflow.db"
 LOCAL_SCHEMES = ("sqlite", "file", "")
@@ -143,3 +151,42 @@ def ui_command(uri: str) -> str:
     if is_remote(uri):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+
+
+# ---- lookups -------------------------------------------------------------------------------------
+
+def quoted(value: str) -> str:
+    """``value`` quoted for an MLflow filter string."""
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def search_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
+    """Every run matching ``filter_string``, newest first (all pages)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def fetch_artifacts(client: MlflowClient, run_id: str, artifact_path: str, cache_root: Path) -> Path:
+    """Local copy of ``artifact_path`` of ``run_id`` under ``cache_root/<run_id>/``.
+
+    Downloaded once per ``cache_root``; concurrent callers are safe: each downloads into its own
+    temporary folder and the first to finish is renamed into place, so a reader never sees a
+    half-written copy.
+    """
+    target = Path(cache_root) / run_id / artifact_path
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_io.temp_folder(target)
+    try:
+        local = Path(client.download_artifacts(run_id, artifact_path, str(tmp)))
+        atomic_io.move_into_place(local, target)  # a lost race leaves the winner's copy
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

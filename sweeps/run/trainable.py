@@ -46,9 +46,11 @@ from sweeps.plan.trials import TrialSpec
 from sweeps.run.resume import CheckpointIndex, Restored
 from sweeps.run.stage_runner import run_stage, upstream_needs
 from tracking import schema
-from tracking.models import log_trial_lineage, system_metrics
-from tracking.runs import TrialOutcome, TrialRun, error_message, fetch_artifacts
+from tracking.logged_model import log_trial_lineage
+from tracking.runs import TrialOutcome, TrialRun, error_message
 from tracking.store import client as make_client
+from tracking.store import fetch_artifacts
+from tracking.system_metrics import system_metrics
 
 # In the last result a trial reports to Tune: its outcome (a tracking.runs.TrialOutcome: FINISHED,
 # FAILED, or DONE_BEFORE / ELSEWHERE when another launch claims it), the error, and beside
@@ -76,7 +78,7 @@ class TrialContext:
     checkpoint_dir: str | None = None
     stage_runner: Callable | None = None
     run_tags: dict[str, str] = field(default_factory=dict)  # on every trial run: its source
-    system_metrics: bool = False  # log system/* metrics of each trial (tracking.models)
+    system_metrics: bool = False  # log system/* metrics of each trial (tracking.logged_model)
 
 
 def trial_tags(spec: TrialSpec) -> dict[str, str]:
@@ -282,7 +284,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
             result = stage(spec, ctx.data[spec.dataset], work_dir, upstream, device,
                            [_EpochReporter(run, spec, work_dir, index, clock)])
         metrics = _log_result(run, spec, result, clock())
-        # MLflow's own view of the trial: its splits as datasets, its fitted model (tracking.models)
+        # MLflow's own view of the trial: its splits as datasets, its fitted model (tracking.logged_model)
         log_trial_lineage(client, run.run_id, ctx.experiment_id,
                           {**spec.config, "lr": spec.lr, "trial_key": spec.key}, result.weights,
                           ctx.data[spec.dataset].get("cache_dir"), getattr(result, "splits", None),

@@ -39,8 +39,8 @@ def env(tmp_path, mlflow_store, monkeypatch):
     monkeypatch.setattr(tune, "report", lambda metrics, **kw: reports.append(dict(metrics)))
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-1"))
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
-    # The MLflow model and datasets of a trial (tracking.models) are tested on their own.
-    monkeypatch.setattr("tracking.models.log_trial_lineage", lambda *a, **k: None)
+    # The MLflow model and datasets of a trial (tracking.logged_model) are tested on their own.
+    monkeypatch.setattr("sweeps.run.trainable.log_trial_lineage", lambda *a, **k: None)
     threads = torch.get_num_threads()  # run_trial sets the trial's torch threads
     folds = {"0": ["s0", "s1"], "1": ["s2", "s3"]}
     ctx = TrialContext(tracking_uri=mlflow_store, experiment_id=exp, parent_run_id=parent,

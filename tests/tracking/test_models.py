@@ -1,4 +1,5 @@
-"""tracking.models and tracking.report.registry on a real SQLite MLflow store.
+"""tracking.models, tracking.logged_model, tracking.datasets, tracking.ui, tracking.system_metrics
+and tracking.report.registry on a real SQLite MLflow store.
 
 A trial's model is logged as a pyfunc LoggedModel of its run and must reload (mlflow.pyfunc)
 and predict what the fitted method predicts; its splits are the run's input datasets; the
@@ -24,7 +25,10 @@ from calib.data.predictions_phantom import write_prediction_phantoms
 from calib.methods import SubjectRef, SubjectSet, build_method
 from calib.methods.network_based import save_weights
 from calib.nets import UNet3D, UNetConfig
+from tracking import datasets, ui
+from tracking import logged_model as lm
 from tracking import models as tm
+from tracking import system_metrics as sm
 from tracking import schema
 from tracking.report.fetch import TrialRecord
 from tracking.report.registry import best_calibrated, register_best, registered_name
@@ -61,7 +65,7 @@ def test_a_logged_calibrator_reloads_and_predicts_the_same(external, mlflow_stor
     method, path = files[0]
     splits = {"fold": 0, "train": ids[:2], "val": ids[2:3], "calib": ids[:2], "test": ids[4:]}
     config = {"stage": "calibrate", "method": "temperature", "weights": "CE", "fold": 0, "data": EXTERNAL}
-    model_id = tm.log_trial_lineage(client, run_id, exp, config, path, cache, splits, None, tmp_path / "s")
+    model_id = lm.log_trial_lineage(client, run_id, exp, config, path, cache, splits, None, tmp_path / "s")
     client.set_terminated(run_id)
 
     run = client.get_run(run_id)
@@ -72,7 +76,7 @@ def test_a_logged_calibrator_reloads_and_predicts_the_same(external, mlflow_stor
     meta = json.loads((cache / "meta.json").read_text())
     for name, i in inputs.items():
         assert i.dataset.digest == meta["hash"][:16]
-        assert {t.key: t.value for t in i.tags}[tm.DATA_CONTEXT] == name.rsplit("-", 1)[1]
+        assert {t.key: t.value for t in i.tags}[datasets.DATA_CONTEXT] == name.rsplit("-", 1)[1]
         assert json.loads(i.dataset.profile)["num_subjects"] == len(splits[name.rsplit("-", 1)[1]])
 
     mlflow.set_tracking_uri(mlflow_store)
@@ -104,7 +108,7 @@ def test_a_logged_unet_model_reloads_with_its_signature(mlflow_store, tmp_path):
     client = MlflowClient(mlflow_store)
     exp = client.create_experiment("u", artifact_location=(tmp_path / "mlruns").as_uri())
     run_id = _trial_run(client, exp, 1)
-    model_id = tm.log_trial_lineage(client, run_id, exp, config, weights, None, None, None, tmp_path / "s")
+    model_id = lm.log_trial_lineage(client, run_id, exp, config, weights, None, None, None, tmp_path / "s")
     mlflow.set_tracking_uri(mlflow_store)
     try:
         loaded = mlflow.pyfunc.load_model(f"models:/{model_id}")
@@ -130,19 +134,19 @@ def test_a_stage_file_that_is_no_model_is_tagged_not_fatal(mlflow_store, tmp_pat
     bogus.write_text("not torch")
     config = {"stage": "base", "method": "base", "net": None, "data": {"dataset": "brats18"}}
     with pytest.warns(UserWarning, match="no MLflow model"):
-        assert tm.log_trial_lineage(client, run_id, exp, config, bogus, None, None, None, tmp_path / "s") is None
-    assert "weights" in client.get_run(run_id).data.tags[tm.MODEL_ERROR]
+        assert lm.log_trial_lineage(client, run_id, exp, config, bogus, None, None, None, tmp_path / "s") is None
+    assert "weights" in client.get_run(run_id).data.tags[lm.MODEL_ERROR]
 
 
 def test_experiment_kind_url_and_source_tags(mlflow_store):
     client = MlflowClient(mlflow_store)
     exp = client.create_experiment("k")
-    url = tm.prepare_experiment(client, exp, mlflow_store)
-    assert client.get_experiment(exp).tags[tm.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    url = ui.prepare_experiment(client, exp, mlflow_store)
+    assert client.get_experiment(exp).tags[ui.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert url == f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
-    assert tm.runs_page_url("https://user:pw@mlflow.example.org:8443/", "7") == \
+    assert ui.runs_page_url("https://user:pw@mlflow.example.org:8443/", "7") == \
         "https://mlflow.example.org:8443/#/experiments/7/runs?workflowType=machine_learning"
-    assert tm.source_tags("sweeps/launch.py", "abc") == {
+    assert ui.source_tags("sweeps/launch.py", "abc") == {
         "mlflow.source.name": "sweeps/launch.py", "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": "abc"}
 
 
@@ -150,12 +154,12 @@ def test_system_metrics_are_logged_while_the_block_runs(mlflow_store, monkeypatc
     client = MlflowClient(mlflow_store)
     exp = client.create_experiment("s")
     run_id = client.create_run(exp).info.run_id
-    with tm.system_metrics(run_id, mlflow_store, enabled=True, sampling_interval=0.5):
+    with sm.system_metrics(run_id, mlflow_store, enabled=True, sampling_interval=0.5):
         time.sleep(2.0)
     keys = set(client.get_run(run_id).data.metrics)
     assert "system/cpu_utilization_percentage" in keys and "system/system_memory_usage_megabytes" in keys
     other = client.create_run(exp).info.run_id
-    with tm.system_metrics(other, mlflow_store, enabled=False):
+    with sm.system_metrics(other, mlflow_store, enabled=False):
         pass
     assert not client.get_run(other).data.metrics
 
@@ -168,7 +172,7 @@ def test_registry_keeps_the_best_calibrated_method_per_fold(external, mlflow_sto
     for fold, (_, path) in enumerate(files):
         run_id = _trial_run(client, exp, fold)
         config = {"stage": "calibrate", "method": "temperature", "weights": "CE", "fold": fold, "data": EXTERNAL}
-        tm.log_trial_lineage(client, run_id, exp, config, path, None, None, None, tmp_path / f"s{fold}")
+        lm.log_trial_lineage(client, run_id, exp, config, path, None, None, None, tmp_path / f"s{fold}")
         val_loss = [0.4, 0.3][fold]  # fold 1 validates better
         client.log_metric(run_id, "best_val_loss", val_loss)
         client.set_terminated(run_id)

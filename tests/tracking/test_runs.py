@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from tracking import schema
-from tracking.runs import (TrialRun, close_stale_runs, create_failed_run, fetch_artifacts,
-                           finished_trial_runs, start_sweep_run, trial_runs_under)
+from tracking.runs import (TrialRun, close_stale_runs, create_failed_run, finished_trial_runs,
+                           start_sweep_run, trial_runs_under)
+from tracking.store import fetch_artifacts
 
 from run_helpers import BASE_TRIAL_TAGS as TAGS
 
