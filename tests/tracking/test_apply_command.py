@@ -22,6 +22,7 @@ from calib.methods import SubjectSet, build_method
 from calib.methods.network_based import save_weights
 from calib.nets import UNet3D, UNetConfig
 from tracking import apply as tapply
+from tracking import logged_model
 from tracking import models as tm
 from tracking import schema
 
@@ -43,7 +44,7 @@ def fitted(tmp_path_factory):
 
 def _log(client, exp, config, stage_file, tmp_path) -> tuple[str, str]:
     run_id = client.create_run(exp, tags={schema.ROLE: schema.ROLE_TRIAL, schema.FOLD: "0"}).info.run_id
-    model_id = tm.log_trial_lineage(client, run_id, exp, config, stage_file, None, None, None, tmp_path / "s")
+    model_id = logged_model.log_trial_lineage(client, run_id, exp, config, stage_file, None, None, None, tmp_path / "s")
     client.set_terminated(run_id)
     return run_id, model_id
 
