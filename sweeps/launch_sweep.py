@@ -37,7 +37,7 @@ from sweeps.summary import degenerate_text, outcome_table, plan_table
 from tracking import runs as tr
 from tracking import schema
 from tracking.guard import degenerate_models
-from tracking.lease import Heartbeat, driver_tags, heartbeat_every, live_leases
+from tracking.lease import DEFAULT_TIMEOUT_S, Heartbeat, driver_tags, heartbeat_every, live_leases
 from tracking.store import (TrackingError, check_reachable, get_or_create_experiment, local_store_path,
                             resolve_tracking_uri, ui_command)
 from tracking.store import client as make_client
@@ -70,7 +70,7 @@ class LaunchOptions:
     report: bool = True
     verbose: bool = False
     force_concurrent: bool = False  # run beside a live launch, only the trials it has not claimed
-    lease_timeout: float = 180.0  # seconds without a heartbeat after which this launch counts as dead
+    lease_timeout: float = DEFAULT_TIMEOUT_S  # seconds without a heartbeat: this launch counts as dead
     stage_runner: Callable | None = None  # tests: replaces sweeps.run.stage_runner.run_stage
     system_metrics: bool | None = None  # log system/* metrics per trial; None: the grid's setting
 
