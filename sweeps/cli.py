@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import sys
+from pathlib import Path
 
-from sweeps.grid import DATA_ROOT_ENV, SEARCHES, builtin_grids
 from sweeps.cost.devices import DEFAULT_DEVICE, DEVICES
+from sweeps.grid import DATA_ROOT_ENV, SEARCHES, builtin_grids
 from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
+from tracking.lease import DEFAULT_TIMEOUT_S
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-concurrent", action="store_true",
                    help="start although another launch is live on the experiment; run only the "
                         "trials it has not claimed (each trial runs in one launch only)")
-    p.add_argument("--lease-timeout", type=_positive_float, default=180.0, metavar="SECONDS",
+    p.add_argument("--lease-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="this launch counts as dead (another --resume may take over) once its "
                         "heartbeat, refreshed every min(30, SECONDS/6) s, is older than this "
-                        "(default 180)")
+                        f"(default {DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--system-metrics", action=argparse.BooleanOptionalAction, default=None,
                    help="log system/* metrics (CPU, memory, disk, network, GPU) on every trial run "
                         "(default: the grid's execution.system_metrics; on in the paper grid)")

@@ -26,6 +26,7 @@ from typing import TextIO
 
 import ray
 
+from calib import atomic_io
 from sweeps.cost.devices import DEFAULT_DEVICE, EstimateError
 from sweeps.grid import GridConfig, GridError, Overrides, frozen_map, load_grid
 from sweeps.plan import Plan, expand
@@ -33,11 +34,11 @@ from sweeps.run import cluster
 from sweeps.run.execute import ExecutionSettings, Executor
 from sweeps.run.resume import checkpoint_dir, pick_up
 from sweeps.run.trainable import TrialContext
-from sweeps.summary import degenerate_text, outcome_table, plan_table
+from sweeps.summary import DataErrorReport, degenerate_text, outcome_table, plan_table
 from tracking import runs as tr
 from tracking import schema
 from tracking.guard import degenerate_models
-from tracking.lease import Heartbeat, driver_tags, heartbeat_every, live_leases
+from tracking.lease import DEFAULT_TIMEOUT_S, Heartbeat, driver_tags, heartbeat_every, live_leases
 from tracking.store import (TrackingError, check_reachable, get_or_create_experiment, local_store_path,
                             resolve_tracking_uri, ui_command)
 from tracking.store import client as make_client
@@ -45,6 +46,7 @@ from tracking.ui import prepare_experiment, source_tags
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE = 0, 1, 2
 ENTRY_POINT = "sweeps/launch.py"  # mlflow.source.name of every run a launch creates
+DATA_ERRORS_DIR = "data_errors"  # in the work dir: the full problem lists of unusable data
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class LaunchOptions:
     report: bool = True
     verbose: bool = False
     force_concurrent: bool = False  # run beside a live launch, only the trials it has not claimed
-    lease_timeout: float = 180.0  # seconds without a heartbeat after which this launch counts as dead
+    lease_timeout: float = DEFAULT_TIMEOUT_S  # seconds without a heartbeat: this launch counts as dead
     stage_runner: Callable | None = None  # tests: replaces sweeps.run.stage_runner.run_stage
     system_metrics: bool | None = None  # log system/* metrics per trial; None: the grid's setting
 
@@ -233,7 +235,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
               f"experiment {experiment}; sweep run {parent}", file=out, flush=True)
         print(f"runs: {runs_url}", file=out, flush=True)
 
-        data, data_errors = _prepare(grid, todo, err)
+        data, data_errors = _prepare(grid, todo, err, parent[:8])
         system = opts.system_metrics if opts.system_metrics is not None else grid.execution.system_metrics
         ctx = TrialContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=parent, data=data,
                            run_tags=run_tags, system_metrics=system)
@@ -269,7 +271,7 @@ def _run(grid: GridConfig, plan: Plan, opts: LaunchOptions, uri: str, experiment
     return EXIT_OK if ok else EXIT_TRIALS_FAILED
 
 
-def _prepare(grid: GridConfig, todo, err: TextIO) -> tuple[dict, dict]:
+def _prepare(grid: GridConfig, todo, err: TextIO, launch_id: str) -> tuple[dict, dict]:
     """Prepare (phantoms, cache, folds) every dataset with trials to run, as Ray tasks:
     (dataset -> PreparedData dict, dataset -> one-line error)."""
     datasets = sorted({t.dataset for t in todo})
@@ -281,10 +283,25 @@ def _prepare(grid: GridConfig, todo, err: TextIO) -> tuple[dict, dict]:
     cpus = max(1, min(4, int(max(node_cpus, default=1))))
     prepared = cluster.prepare_data(grid, datasets, cpus=cpus)
     data = {d: v for d, v in prepared.items() if not isinstance(v, Exception)}
-    errors = {d: " ".join(str(v).split())[:500] for d, v in prepared.items() if isinstance(v, Exception)}
-    for d, msg in errors.items():
-        print(f"error: data of {d}: {msg}", file=err, flush=True)
-    return data, errors
+    failed = {d: v for d, v in prepared.items() if isinstance(v, Exception)}
+    return data, report_data_errors(failed, grid.work_dir / DATA_ERRORS_DIR, launch_id, err)
+
+
+def report_data_errors(failed: Mapping[str, BaseException], folder: Path, launch_id: str,
+                       err: TextIO) -> dict[str, str]:
+    """Print why each dataset in ``failed`` could not be prepared, every problem in full up to
+    sweeps.summary.DATA_PROBLEMS_SHOWN (a longer list is written whole to
+    ``folder/<dataset>-<launch_id>.txt``, named in the message); the one-line reason per dataset."""
+    reasons = {}
+    for d, exc in failed.items():
+        report = DataErrorReport.of(d, exc)
+        full_list = folder / f"{d}-{launch_id}.txt"
+        if report.truncated:
+            full_list.parent.mkdir(parents=True, exist_ok=True)
+            atomic_io.write_text(full_list, report.full_text())
+        print("\n".join(report.lines(full_list)), file=err, flush=True)
+        reasons[d] = report.reason
+    return reasons
 
 
 def _storage_path(opts: LaunchOptions, grid: GridConfig) -> str:

@@ -1,9 +1,12 @@
-"""The end-of-launch summary and the dry-run table: plain text, one row per stage (or method)."""
+"""What a launch prints: the dry-run table, the problems of data it could not prepare, and the
+end-of-launch summary; plain text, one row per stage (or method)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from calib.vocabulary import STAGES
 from sweeps.plan import Plan, TrialSpec
@@ -142,3 +145,45 @@ def degenerate_text(models: list[dict]) -> str:
     for m in models:
         lines.append(f"  {m['dataset']}/{m['weights']} fold {m['fold']} (run {m['run_id']}): {m['reason']}")
     return "\n".join(lines)
+
+
+#: Problems of one dataset's failed preparation printed in full; the rest go to a file.
+DATA_PROBLEMS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class DataErrorReport:
+    """Why a dataset could not be prepared: the error's first line and each problem behind it
+    (a calib.data.DataError's ``problems``, else the message's further lines), each in full."""
+
+    dataset: str
+    headline: str
+    problems: tuple[str, ...]
+
+    @classmethod
+    def of(cls, dataset: str, exc: BaseException) -> "DataErrorReport":
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        headline = lines[0] if lines else type(exc).__name__
+        problems = tuple(str(p) for p in getattr(exc, "problems", ()) or ()) or tuple(lines[1:])
+        return cls(dataset, headline, problems)
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.problems) > DATA_PROBLEMS_SHOWN
+
+    def lines(self, full_list: Path) -> list[str]:
+        """``error: data of D: <headline>``, then each problem up to :data:`DATA_PROBLEMS_SHOWN`,
+        then ``and N more`` naming ``full_list`` (where :meth:`full_text` is written)."""
+        out = [f"error: data of {self.dataset}: {self.headline}"]
+        out += [f"  {p}" for p in self.problems[:DATA_PROBLEMS_SHOWN]]
+        if self.truncated:
+            out.append(f"  and {len(self.problems) - DATA_PROBLEMS_SHOWN} more: every problem is in {full_list}")
+        return out
+
+    def full_text(self) -> str:
+        return "\n".join([self.headline, *self.problems]) + "\n"
+
+    @property
+    def reason(self) -> str:
+        """One line, for the trials it skips."""
+        return self.headline.rstrip(":") + (" (the problems are printed above)" if self.problems else "")

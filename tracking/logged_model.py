@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from calib.apply import load_fitted
+from calib.vocabulary import CALIBRATE, PREDICTIONS_KIND
 from tracking import schema
 from tracking.datasets import log_trial_datasets
 from tracking.models import MODEL_ARTIFACT, build_model_dir
@@ -107,10 +108,10 @@ def log_trial_lineage(client: MlflowClient, run_id: str, experiment_id: str, tri
     if cache_dir is not None and splits:
         log_trial_datasets(client, run_id, dataset, Path(cache_dir), splits)
     base = None
-    external = (trial_config.get("data") or {}).get("kind") == "predictions"
-    if external and trial_config.get("stage") != "calibrate":
+    external = (trial_config.get("data") or {}).get("kind") == PREDICTIONS_KIND
+    if external and trial_config.get("stage") != CALIBRATE:
         return None  # the "base model" of imported predictions is the other network: nothing to log
-    if trial_config.get("stage") == "calibrate" and upstream_run_id and not external:
+    if trial_config.get("stage") == CALIBRATE and upstream_run_id and not external:
         base = fetch_artifacts(client, upstream_run_id, schema.WEIGHTS_FILE, Path(scratch) / "base")
     model_dir = build_model_dir(Path(scratch) / "model", trial_config, stage_file, base)
     tags = {schema.STAGE: trial_config.get("stage", ""), schema.DATASET: dataset,

@@ -26,6 +26,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from calib.vocabulary import CALIBRATE, PREDICTIONS_KIND
 from tracking import schema
 from tracking.runs import finished_trial_runs
 from tracking.store import FINISHED, fetch_artifacts, resolve_tracking_uri
@@ -68,7 +69,7 @@ def build_model_dir(dest: Path, trial_config: Mapping[str, Any], stage_file: Pat
     dest.mkdir(parents=True, exist_ok=True)
     (dest / TRIAL_CONFIG).write_text(json.dumps(dict(trial_config), indent=2, sort_keys=True, default=str))
     # the name calib.apply reads it by: a fitted method for calibrate trials, else U-Net weights
-    shutil.copy2(stage_file, dest / (METHOD_FILE if trial_config.get("stage") == "calibrate" else STAGE_WEIGHTS))
+    shutil.copy2(stage_file, dest / (METHOD_FILE if trial_config.get("stage") == CALIBRATE else STAGE_WEIGHTS))
     if base_weights is not None:
         shutil.copy2(base_weights, dest / BASE_WEIGHTS)
     return dest
@@ -175,7 +176,7 @@ def _assemble_from_run(client: MlflowClient, run, dest: Path) -> Path:
         raise ModelNotFound(f"run {run_id} has no model file under {schema.WEIGHTS_DIR}/")
     base = None
     upstream = run.data.tags.get(schema.UPSTREAM_KEY)
-    if config.get("stage") == "calibrate" and upstream and (config.get("data") or {}).get("kind") != "predictions":
+    if config.get("stage") == CALIBRATE and upstream and (config.get("data") or {}).get("kind") != PREDICTIONS_KIND:
         found = finished_trial_runs(client, run.info.experiment_id, [upstream])
         if upstream not in found:
             raise ModelNotFound(f"run {run_id}: its base model (trial {upstream}) has no FINISHED run")

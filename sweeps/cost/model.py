@@ -39,7 +39,7 @@ from sweeps.cost.devices import (DEFAULT_DEVICE, PAPER_SHAPE, EstimateError, Mea
                                  read_throughput, roofline)
 from sweeps.cost.flops import NetFlops, net_flops
 from sweeps.cost.schedule import Task
-from sweeps.grid import SplitSettings
+from sweeps.grid.model import HONEST, PAPER_PROTOCOL, SplitSettings
 
 #: Expected epochs run / max_epochs under early stopping (6 epochs without improvement), and the
 #: half-width of the uniform draw around it. An assumption (the paper reports no epoch counts):
@@ -97,7 +97,7 @@ def stage_work(stage: str, method: str, params: Mapping, schedule: TrainConfig |
     (None where nothing trains); ``flops``: the network's passes (None for another
     network's predictions: no network runs); ``sizes``: :func:`split_sizes`.
     """
-    scored = sizes["test"] + (sizes["val"] if protocol != "paper" else 0)
+    scored = sizes["test"] + (sizes["val"] if protocol != PAPER_PROTOCOL else 0)
     logit_pass = LOGIT_FLOPS_PER_VOXEL * voxels
     if stage in (PRETRAIN, BASE):
         if flops is None:  # another network's predictions: scored as they are, nothing trains
@@ -245,7 +245,7 @@ class CostModel:
         n = (self.subjects or DATASET_SUBJECTS)[dataset]
         sizes = split_sizes(n, SplitSettings(n_folds=n_folds, val_fraction=val_fraction))
         return stage_work(stage, method, resolved, schedule, _paper_flops(dataset), sizes,
-                          math.prod(PAPER_SHAPE), "honest")
+                          math.prod(PAPER_SHAPE), HONEST)
 
     def epoch_seconds(self, dataset: str, method: str, n_folds: int = 5, val_fraction: float = 0.2) -> float:
         """Seconds of one epoch of the paper's ``dataset`` net at 136 x 136 x 82 (honest protocol;

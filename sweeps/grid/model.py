@@ -19,10 +19,16 @@ import yaml
 from calib.loss_recipes import loss_params
 from calib.methods.recipes import resolve
 from calib.schedule import TrainConfig
-from calib.vocabulary import EXTERNAL_WEIGHTS, IMAGES_KIND, PREDICTIONS_KIND, STAGES, TRAIN_TIME_WEIGHTS
+from calib.vocabulary import (EXTERNAL_WEIGHTS, IMAGES_KIND, PREDICTIONS_KIND, PROTOCOLS, STAGES,
+                              TRAIN_TIME_WEIGHTS)
 from sweeps.grid.schedules import TrainingSection, train_config
 from sweeps.grid.sections import (Execution, Folds, MethodSpec, Network, PhantomSpec, PredictionsSpec,
                                   Preprocessing, Resources, Search)
+
+
+#: The protocols by name (calib.vocabulary.PROTOCOLS, calib.stages): under ``paper`` the val split
+#: is the test fold.
+HONEST, TWO_WAY, PAPER_PROTOCOL = PROTOCOLS
 
 
 def frozen_map(d: Mapping | None = None) -> Mapping:
@@ -53,7 +59,7 @@ class SplitSettings:
     """How a fold's subjects are split into train / val / calib / test (calib.stages.make_split):
     the grid's protocol, seed and fractions, and its number of folds."""
 
-    protocol: str = "honest"
+    protocol: str = HONEST
     seed: int = 0
     val_fraction: float = 0.2
     calib_fraction: float = 0.2

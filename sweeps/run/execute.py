@@ -28,6 +28,7 @@ from typing import TextIO
 
 from ray import tune
 
+from calib.vocabulary import STAGES
 from sweeps.grid import Resources
 from sweeps.plan.graph import GraphSearcher, TrialGraph
 from sweeps.plan.search import PlanSearcher
@@ -286,4 +287,4 @@ def _per_stage(trials: Iterable[TrialSpec]) -> list[tuple[str, int]]:
     counts: dict[str, int] = {}
     for t in trials:
         counts[t.stage] = counts.get(t.stage, 0) + 1
-    return [(s, counts[s]) for s in ("pretrain", "base", "calibrate") if s in counts]
+    return [(s, counts[s]) for s in STAGES if s in counts]

@@ -20,20 +20,19 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.ports import free_ports
+from support.processes import start_process, stop_processes, tail, wait_healthy
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 HEAD_RESOURCE, WORKER_RESOURCE = "node_head", "node_worker"
@@ -43,20 +42,6 @@ HEAD_RESOURCE, WORKER_RESOURCE = "node_head", "node_worker"
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 BIN = Path(sys.executable).parent  # the venv's console scripts: mlflow, ray
 START_TIMEOUT_S = 180  # generous: two shared cores, other tests may run beside
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on 127.0.0.1 right now (held open together, then freed)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _unavailable(reason: str) -> None:
@@ -91,50 +76,6 @@ def fresh_database(prefix: str = "calib_it") -> Iterator[str]:
         admin.close()
 
 
-# ---- processes ----------------------------------------------------------------------------
-
-
-def _start(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start a command in its own process group (so that stopping it reaches its children)."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            command,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-
-
-def _stop(*processes: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM each process group, wait for the leaders, then SIGKILL whatever is left.
-
-    A group is the one start_new_session gave the process: it and the children it started
-    (uvicorn workers of `mlflow server`; GCS, raylet and workers of `ray start --block`).
-    All groups are signalled first, so that they shut down side by side.
-    """
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for process in processes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-
-
-def _tail(log: Path, chars: int = 4000) -> str:
-    try:
-        return log.read_text(errors="replace")[-chars:]
-    except OSError:
-        return "<no log>"
-
-
 # ---- MLflow server ------------------------------------------------------------------------
 
 
@@ -146,21 +87,6 @@ class MlflowServer:
     database: str
     artifacts_dir: Path
     log: Path
-
-
-def _wait_healthy(uri: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited ({process.returncode}):\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"mlflow server not healthy after {START_TIMEOUT_S} s:\n{_tail(log)}")
 
 
 @contextlib.contextmanager
@@ -195,12 +121,12 @@ def run_mlflow_server(
         *extra_args,
     ]
     # The server runs from workdir, so nothing it might write lands in the repository.
-    process = _start(command, log, env)
+    process = start_process(command, log, env)
     try:
-        _wait_healthy(uri, process, log)
+        wait_healthy(f"{uri}/health", process, log, START_TIMEOUT_S, "mlflow server")
         yield MlflowServer(uri=uri, database=database, artifacts_dir=artifacts, log=log)
     finally:
-        _stop(process)
+        stop_processes(process)
 
 
 @pytest.fixture(scope="session")
@@ -281,14 +207,14 @@ def _ray_start(role: str, ip: str, temp_dir: Path, log: Path, args: list[str]) -
     # environment does not send it and is refused. With auth off, drivers connect whatever
     # their own RAY_AUTH_MODE (checked); this throwaway cluster lives on loopback addresses.
     # No drain on SIGTERM (Ray waits up to 30 s by default): this cluster serves no traffic.
-    process = _start(command, log, {
+    process = start_process(command, log, {
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     })
     time.sleep(1.0)
     if process.poll() is not None:
-        raise RuntimeError(f"ray start ({role}) exited ({process.returncode}):\n{_tail(log)}")
+        raise RuntimeError(f"ray start ({role}) exited ({process.returncode}):\n{tail(log)}")
     return process
 
 
@@ -302,11 +228,11 @@ def _wait_port(host: str, port: int, process: subprocess.Popen, log: Path) -> No
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"ray head exited ({process.returncode}):\n{_tail(log)}")
+            raise RuntimeError(f"ray head exited ({process.returncode}):\n{tail(log)}")
         with contextlib.suppress(OSError), socket.create_connection((host, port), 1):
             return
         time.sleep(0.5)
-    raise RuntimeError(f"ray head's GCS not listening after {START_TIMEOUT_S} s:\n{_tail(log)}")
+    raise RuntimeError(f"ray head's GCS not listening after {START_TIMEOUT_S} s:\n{tail(log)}")
 
 
 @pytest.fixture(scope="session")
@@ -337,11 +263,11 @@ def ray_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         nodes = json.loads(ray_driver(_WAIT_FOR_NODES, address, "2", str(START_TIMEOUT_S)))
         if len(nodes) != 2:
             raise RuntimeError(
-                f"expected 2 Ray nodes, found {len(nodes)}:\n{_tail(head_log)}\n"
-                f"{_tail(logs / 'worker.log')}"
+                f"expected 2 Ray nodes, found {len(nodes)}:\n{tail(head_log)}\n"
+                f"{tail(logs / 'worker.log')}"
             )
         yield address
     finally:
-        _stop(*processes)
+        stop_processes(*processes)
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from integration_stack import free_ports, fresh_database, run_mlflow_server
+from integration_stack import fresh_database, run_mlflow_server
+from support.grids import long_base_grid
+from support.ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,26 +29,8 @@ OUTAGE_S = 30
 
 def _grid(path: Path, tmp: Path, base_epochs: int) -> Path:
     """Two folds: SD base models (long enough to be caught mid-training), Platt and auxiliary."""
-    grid = {
-        "name": "it-concurrency",
-        "seed": 0,
-        "protocol": "honest",
-        "datasets": {"brats18": {"phantom": {"subjects": 6, "seed": 0, "shape": [36, 36, 24]}}},
-        "data": {"root": str(tmp / "data"), "cache": str(tmp / "cache")},
-        "preprocessing": {"spacing": 2.0, "shape": [18, 18, 12]},
-        "folds": {"n_folds": 2, "seed": 0},
-        "network": {"preset": "tiny", "levels": 2, "base": 2},
-        "weights": ["SD"],
-        "training": {"pretrain": {"lr": 1.0e-2, "max_epochs": 2, "batch_size": 2},
-                     "base": {"lr": 1.0e-2, "max_epochs": base_epochs, "batch_size": 2,
-                              "early_stop_patience": base_epochs, "lr_patience": base_epochs},
-                     "calibrate": {"max_epochs": 2}},
-        "methods": {"platt": {}, "auxiliary": {"params": {"k": 5}}},
-        "resources": {"pretrain": {"cpu": 1}, "base": {"cpu": 1}, "calibrate": {"cpu": 1}},
-        "execution": {"max_failures": 1},
-    }
-    path.write_text(yaml.safe_dump(grid, sort_keys=False))
-    return path
+    return long_base_grid(path, tmp / "data", tmp / "cache", base_epochs, name="it-concurrency",
+                          methods={"platt": {}, "auxiliary": {"params": {"k": 5}}})
 
 
 def _command(grid: Path, address: str, uri: str, experiment: str, work: Path, *args: str) -> list[str]:
@@ -160,7 +143,7 @@ def test_mlflow_server_outage_mid_sweep_loses_nothing(ray_two_nodes: str, tmp_pa
 
     experiment = "calib-it-outage"
     grid = _grid(tmp_path / "grid.yaml", tmp_path, base_epochs=12)
-    (port,) = free_ports(1)
+    port = free_port()
     server_dir = tmp_path / "server"
     with fresh_database() as database, contextlib.ExitStack() as first_server:
         server = first_server.enter_context(run_mlflow_server(server_dir, database, port=port))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from integration_stack import HEAD_IP, WORKER_IP, ray_driver
+from support.grids import tiny_grid
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,25 +46,8 @@ def _small_grid(path: Path, tmp: Path) -> Path:
     """Two folds x (pretrain, base CE, platt, auxiliary): 8 trials in 3 waves of 2, each trial
     1 CPU, so that each wave fills both 1-CPU nodes. Data root and cache on the one file system
     both nodes see (on a real cluster: a shared volume)."""
-    grid = {
-        "name": "it-topology",
-        "seed": 0,
-        "protocol": "honest",
-        "datasets": {"brats18": {"phantom": {"subjects": 6, "seed": 0, "shape": [36, 36, 24]}}},
-        "data": {"root": str(tmp / "data"), "cache": str(tmp / "cache")},
-        "preprocessing": {"spacing": 2.0, "shape": [18, 18, 12]},  # a multiple of the net's 3
-        "folds": {"n_folds": 2, "seed": 0},
-        "network": {"preset": "tiny", "levels": 2, "base": 2},
-        "weights": ["CE"],
-        "training": {"pretrain": {"lr": 1.0e-2, "max_epochs": 2, "batch_size": 2},
-                     "base": {"lr": 1.0e-2, "max_epochs": 2, "batch_size": 2},
-                     "calibrate": {"max_epochs": 2}},
-        "methods": {"platt": {}, "auxiliary": {"params": {"k": 5}}},
-        "resources": {"pretrain": {"cpu": 1}, "base": {"cpu": 1}, "calibrate": {"cpu": 1}},
-        "execution": {"max_failures": 1},
-    }
-    path.write_text(yaml.safe_dump(grid, sort_keys=False))
-    return path
+    return tiny_grid(path, tmp / "data", tmp / "cache", name="it-topology",
+                     methods={"platt": {}, "auxiliary": {"params": {"k": 5}}})
 
 
 def _run(what: str, command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sweep_helpers import ISLES_PHANTOM, PHANTOM
+from support.grids import ISLES_PHANTOM, PHANTOM
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import torch
 from fake_stages import EPOCHS, FakeStage
 from mlflow.tracking import MlflowClient
 from ray import tune
-from sweep_helpers import tiny_grid
+from support.grids import tiny_grid
 
 from sweeps.grid import load_grid
 from sweeps.run.execute import ExecutionSettings, Executor

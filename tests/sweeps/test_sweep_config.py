@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.ports import free_port
 
 from sweeps.cli import main, parse_data_roots
 from sweeps.grid import GridError, Overrides, load_grid
@@ -140,16 +141,11 @@ def test_paper_dry_run_counts_without_data_or_ray(tmp_path):
 
 
 def test_unreachable_tracking_server_exits_2_before_ray(tmp_path, capsys, monkeypatch):
-    import socket
-
     import sweeps.run.cluster
 
     monkeypatch.setattr(sweeps.run.cluster, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
     monkeypatch.chdir(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{free_port()}"
     assert main(["--grid", "demo", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and uri in err and "unreachable" in err

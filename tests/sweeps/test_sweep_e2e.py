@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from sweep_helpers import ISLES_PHANTOM, PHANTOM, tiny_grid
+from support.grids import ISLES_PHANTOM, PHANTOM, long_base_grid, tiny_grid
 from mlflow.tracking import MlflowClient
 
 from sweeps.grid import load_grid
@@ -157,13 +157,8 @@ def _wait_for(predicate, timeout: float, proc=None):
 
 
 def _long_base_grid(tmp_path, phantom_root, shared_cache, epochs: int) -> Path:
-    return tiny_grid(tmp_path / "grid.yaml", phantom_root, shared_cache, weights=["SD"],
-                     methods={"platt": {}},
-                     training={"pretrain": {"lr": 1e-2, "max_epochs": 2, "batch_size": 2},
-                               # Long enough that the signal lands mid-training.
-                               "base": {"lr": 1e-2, "max_epochs": epochs, "batch_size": 2,
-                                        "early_stop_patience": epochs, "lr_patience": epochs},
-                               "calibrate": {"max_epochs": 2}})
+    # long enough that the signal lands mid-training
+    return long_base_grid(tmp_path / "grid.yaml", phantom_root, shared_cache, epochs)
 
 
 def _launch_and_signal(grid_file: Path, mlflow_store: str, address: str, sig: int, tmp_path: Path) -> int:

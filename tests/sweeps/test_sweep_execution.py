@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from sweep_helpers import tiny_grid
+from support.grids import tiny_grid
 from fake_stages import FakeStage
 from mlflow.tracking import MlflowClient
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 from mlflow.tracking import MlflowClient
-from sweep_helpers import tiny_grid
+from support.grids import tiny_grid
 
 from sweeps.cli import main
 from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch

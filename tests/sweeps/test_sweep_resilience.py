@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from sweep_helpers import tiny_grid
+from support.grids import long_base_grid
 
 from sweeps.grid import load_grid
 from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
@@ -52,11 +52,7 @@ def _wait_for(predicate, timeout: float, proc=None, log: Path | None = None):
 
 def _grid(tmp_path: Path, phantom_root: Path, cache: Path, epochs: int) -> Path:
     """Two SD base models long enough to be caught mid-training, and their Platt calibrations."""
-    return tiny_grid(tmp_path / "grid.yaml", phantom_root, cache, weights=["SD"], methods={"platt": {}},
-                     training={"pretrain": {"lr": 1e-2, "max_epochs": 2, "batch_size": 2},
-                               "base": {"lr": 1e-2, "max_epochs": epochs, "batch_size": 2,
-                                        "early_stop_patience": epochs, "lr_patience": epochs},
-                               "calibrate": {"max_epochs": 2}})
+    return long_base_grid(tmp_path / "grid.yaml", phantom_root, cache, epochs)
 
 
 def _start_driver(grid: Path, uri: str, address: str, tmp_path: Path, *args: str):

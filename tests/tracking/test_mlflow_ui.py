@@ -14,15 +14,14 @@ import io
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+from support.grids import tiny_grid
+from support.ports import free_port
+from support.processes import start_process, stop_processes, wait_healthy
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -31,30 +30,8 @@ SCREENSHOT = REPO / "docs" / "img" / "mlflow-runs.png"
 
 
 def _grid(tmp_path: Path) -> Path:
-    grid = {
-        "name": "ui", "seed": 0, "protocol": "honest", "work_dir": str(tmp_path / "work"),
-        "datasets": {"brats18": {"phantom": {"subjects": 6, "seed": 0, "shape": [36, 36, 24]}}},
-        "data": {"root": str(tmp_path / "data"), "cache": str(tmp_path / "cache")},
-        "preprocessing": {"spacing": 2.0, "shape": [18, 18, 12]},
-        "folds": {"n_folds": 2, "seed": 0},
-        "network": {"preset": "tiny", "levels": 2, "base": 2},
-        "weights": ["CE"],
-        "training": {"pretrain": {"lr": 1.0e-2, "max_epochs": 2, "batch_size": 2},
-                     "base": {"lr": 1.0e-2, "max_epochs": 2, "batch_size": 2},
-                     "calibrate": {"max_epochs": 2}},
-        "methods": {"platt": {}, "temperature": {}},
-        "resources": {"pretrain": {"cpu": 1}, "base": {"cpu": 1}, "calibrate": {"cpu": 1}},
-        "execution": {"max_failures": 1},
-    }
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid, sort_keys=False))
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return tiny_grid(tmp_path / "grid.yaml", tmp_path / "data", tmp_path / "cache", name="ui",
+                     methods={"platt": {}, "temperature": {}})
 
 
 @pytest.fixture
@@ -65,30 +42,19 @@ def ui_server(ray_session, tmp_path, mlflow_store):
     out = io.StringIO()
     rc = launch(LaunchOptions(grid=str(_grid(tmp_path)), tracking_uri=mlflow_store), out=out, err=out)
     assert rc == 0, out.getvalue()
-    port = _free_port()
-    log = open(tmp_path / "ui.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", mlflow_store,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    port = free_port()
+    log = tmp_path / "ui.log"
+    proc = start_process([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", mlflow_store,
+                          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow ui did not come up: {(tmp_path / 'ui.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+        try:
+            wait_healthy(f"{base}/health", proc, log, 90, "mlflow ui")
+        except RuntimeError as exc:
+            pytest.fail(f"mlflow ui did not come up: {exc}")
         yield base, out.getvalue()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_processes(proc)
 
 
 @pytest.fixture

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
+from support.ports import free_port
 
 from tracking.store import TrackingError, check_reachable, resolve_tracking_uri, ui_command
 
@@ -19,14 +19,8 @@ def test_uri_precedence_and_absolute_paths(tmp_path):
     assert resolve_tracking_uri("postgresql://u@db/mlflow", env={}, cwd=tmp_path) == "postgresql://u@db/mlflow"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_fails_fast_with_the_uri():
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingError) as info:
         check_reachable(uri, timeout_s=3)

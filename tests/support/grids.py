@@ -1,5 +1,5 @@
-"""Helpers of the sweep tests: tiny phantoms and grid files (a unique module name, so that test
-files import it whatever else is on sys.path)."""
+"""Tiny phantoms and grid files: a few fast trials (one dataset, 2 folds, a tiny net) for the
+sweep, tracking and integration tests."""
 
 from __future__ import annotations
 
@@ -36,3 +36,15 @@ def tiny_grid(path: Path, data_root: Path, cache: Path, **changes) -> Path:
     grid.update(changes)
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     return path
+
+
+def long_base_grid(path: Path, data_root: Path, cache: Path, epochs: int, **changes) -> Path:
+    """:func:`tiny_grid` with SD base models of ``epochs`` epochs (no early stop, no plateau:
+    long enough to be caught mid-training) and their Platt calibrations."""
+    return tiny_grid(path, data_root, cache, **{
+        "weights": ["SD"], "methods": {"platt": {}},
+        "training": {"pretrain": {"lr": 1e-2, "max_epochs": 2, "batch_size": 2},
+                     "base": {"lr": 1e-2, "max_epochs": epochs, "batch_size": 2,
+                              "early_stop_patience": epochs, "lr_patience": epochs},
+                     "calibrate": {"max_epochs": 2}},
+        **changes})
