@@ -6,41 +6,27 @@ import argparse
 import sys
 from pathlib import Path
 
+from calib.cli_args import OneLineParser, positive_float, positive_int
 from sweeps.cost.devices import DEFAULT_DEVICE, DEVICES
 from sweeps.grid import DATA_ROOT_ENV, SEARCHES, builtin_grids
-from sweeps.launch_sweep import EXIT_USAGE, LaunchOptions, launch
+from sweeps.launch_sweep import LaunchOptions, launch
 from tracking.lease import DEFAULT_TIMEOUT_S
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the project's rule: a bad argument is one line and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _seconds(text: str) -> float:
+    return positive_float(text, "a number of seconds > 0")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value:g}")
-    return value
+class _LaunchParser(OneLineParser):
+    """The launch's argument errors read as its other errors do: ``error: ...`` on one line."""
+
+    line = "error: {message} (see --help)\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = _LaunchParser(
         prog="python sweeps/launch.py",
         description="Run the calibration study's grid on Ray Tune, one MLflow run per trial.",
         epilog=("Examples:\n"
@@ -57,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate", action="store_true",
                    help="with --dry-run: expected GPU-hours and wall time per stage, with their "
                         "assumptions (sweeps/cost/)")
-    p.add_argument("--gpus", type=_positive_int, default=1,
+    p.add_argument("--gpus", type=positive_int, default=1,
                    help="devices the --estimate packs trials on (default 1)")
     p.add_argument("--device", choices=tuple(DEVICES), default=DEFAULT_DEVICE,
                    help="the device roofline --estimate converts counted FLOPs with (peak x assumed "
@@ -79,16 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=SEARCHES,
                    help="optuna: pick the MC learning rates by TPE over log-uniform "
                         "[1e-5, 1e-3] with the grid's budget")
-    p.add_argument("--max-concurrent", type=_positive_int, help="at most N trials at once")
+    p.add_argument("--max-concurrent", type=positive_int, help="at most N trials at once")
     p.add_argument("--work-dir", help="cache, trial checkpoints, Ray results and report folder; shared "
                                       "by all nodes (default: the grid's, calib_store)")
     p.add_argument("--storage-path", help="Ray Tune's results storage; shared by all nodes "
                                           "(default <work-dir>/ray_results)")
-    p.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--force-concurrent", action="store_true",
                    help="start although another launch is live on the experiment; run only the "
                         "trials it has not claimed (each trial runs in one launch only)")
-    p.add_argument("--lease-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+    p.add_argument("--lease-timeout", type=_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="this launch counts as dead (another --resume may take over) once its "
                         "heartbeat, refreshed every min(30, SECONDS/6) s, is older than this "
                         f"(default {DEFAULT_TIMEOUT_S:g})")

@@ -22,18 +22,13 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..cli_args import OneLineParser
 from .cases import CaseOutcome, apply_cases, find_cases
 from .model import load_fitted
 
 PROG = "python -m calib.apply"
 MLFLOW_PROG = "python -m tracking.apply"
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit 2 (no usage block)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser(prog: str = PROG, mlflow: bool = False) -> argparse.ArgumentParser:

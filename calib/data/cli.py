@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..cli_args import OneLineParser, positive_float, positive_int
 from .errors import DataError
 from .layouts import SUPPORTED_DATASETS as DATASETS
 from .synth import LABEL_NOISES
@@ -37,35 +38,10 @@ up to 22 slices of 4-8 mm. A smaller grid holds a proportionally smaller brain.
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with bad arguments reported on one line, exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m calib.data",
         description="Datasets for the calibration study: phantoms, integrity check, preprocessing cache, folds.",
     )
@@ -80,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="new or empty folder to create the dataset in")
     p.add_argument("--format", choices=("nifti", "nnunet"), default="nifti",
                    help="predictions only: <case>.nii.gz maps or nnU-Net's <case>.npz + <case>.pkl")
-    p.add_argument("--scale", type=_positive_float, default=3.0,
+    p.add_argument("--scale", type=positive_float, default=3.0,
                    help="predictions only: the network's logit = scale x the true logit (default 3: overconfident)")
-    p.add_argument("--subjects", type=_positive_int, default=12, help="number of subjects (default 12)")
+    p.add_argument("--subjects", type=positive_int, default=12, help="number of subjects (default 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--shape", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"),
+    p.add_argument("--shape", type=positive_int, nargs=3, metavar=("X", "Y", "Z"),
                    help="grid along x y z; for isles18 Z is the maximum slice count")
     p.add_argument("--orientation", metavar="AXCODES",
                    help="stored orientation, e.g. RAS or PIR (default LPS, as the real files)")
@@ -117,20 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", choices=DATASETS, help="default: detected from the layout under --root")
     q.add_argument("--root", required=True, type=Path, help="dataset folder as distributed (or a phantom)")
     q.add_argument("--out", required=True, type=Path, help="cache folder (one subfolder per config)")
-    q.add_argument("--spacing", type=_positive_float, default=2.0, help="isotropic voxel size in mm (default 2)")
-    q.add_argument("--shape", type=_positive_int, nargs=3, default=[136, 136, 82], metavar=("X", "Y", "Z"),
+    q.add_argument("--spacing", type=positive_float, default=2.0, help="isotropic voxel size in mm (default 2)")
+    q.add_argument("--shape", type=positive_int, nargs=3, default=[136, 136, 82], metavar=("X", "Y", "Z"),
                    help="output grid (default 136 136 82)")
     q.add_argument("--normalisation", choices=NORMALISATIONS, default=NORMALISATIONS[0],
                    help="subject: z-score per channel inside the mask (default); fixed: the paper's "
                    "public code, one shift/scale per modality")
-    q.add_argument("--workers", type=_positive_int, default=None,
+    q.add_argument("--workers", type=positive_int, default=None,
                    help="processes (default: one per CPU, at most 8; 1 = no subprocess)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     f = sub.add_parser("folds", help="write a seeded K-fold split of a preprocessed cache",
                        description="Write JSON {fold: [subject ids]} for the subjects of a cache folder.")
     f.add_argument("--cache", required=True, type=Path, help="a cache folder printed by preprocess")
-    f.add_argument("--folds", type=_positive_int, default=5, help="number of folds (default 5)")
+    f.add_argument("--folds", type=positive_int, default=5, help="number of folds (default 5)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", required=True, type=Path, help="folds JSON file to write")
     for subparser in (p, c, q, f):
