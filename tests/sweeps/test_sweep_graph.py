@@ -96,7 +96,8 @@ def test_longest_kind_first_among_calibrations(demo):
 
 
 def test_optuna_groups_wait_for_their_base_then_one_sample_at_a_time(tmp_path):
-    plan = expand(load_grid("demo", Overrides(search="optuna"), require_data=False, env={}))
+    # the paper grid: its MC searches draw 3 learning rates each, so a second sample can follow
+    plan = expand(load_grid("paper", Overrides(search="optuna"), require_data=False, env={}))
     base = _of(plan, stage="base", weights="SD", dataset="brats18", fold=0)[0]
     todo = [base] + [t for t in plan.trials if t.upstream == base.key]
     groups = {t.search_group for t in todo if t.search == "optuna"}
