@@ -313,7 +313,8 @@ class TrialRun:
         run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
         other = claimed_elsewhere(client, experiment_id, parent_run_id, trial_key, run.info.run_id,
                                   run.info.start_time)
-        if other is not None:  # lost the claim: leave no run of ours behind
+        if other is not None:  # lost the claim: leave no run of ours behind, and none RUNNING
+            client.set_terminated(run.info.run_id, KILLED)  # even in the trash
             client.delete_run(run.info.run_id)
             return cls._elsewhere(client, other)
         return cls(client, run.info.run_id)

@@ -10,6 +10,7 @@ typo in a host name costs seconds instead of a failed sweep.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shlex
 import shutil
@@ -109,12 +110,31 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         if not os.access(local.parent, os.W_OK):
             raise TrackingError(f"the MLflow store folder {local.parent} is not writable")
     try:
-        with _quick_http(timeout_s):
+        with _quick_http(timeout_s), _creating(local if uri.startswith("sqlite") else None):
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this store"
         what = "MLflow tracking server" if is_remote(uri) else "MLflow store"
         raise TrackingError(f"{what} {uri} is unreachable: {_short(exc)} "
                             f"(set --tracking-uri or ${TRACKING_URI_ENV})") from None
+
+
+@contextlib.contextmanager
+def _creating(db: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock beside SQLite file ``db`` (``<db>.lock``) while the first query runs.
+
+    The first client of a new SQLite store creates MLflow's tables and runs its migrations; two
+    launches started together on a new store would both migrate, and the second fail ("duplicate
+    column name"). Under the lock the second waits, then finds the tables made. None: no lock.
+    """
+    if db is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def client(uri: str) -> MlflowClient:

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from tracking import schema
@@ -97,6 +98,9 @@ def test_a_trial_key_claimed_by_a_live_launch_is_not_run_again(store):
     assert second.elsewhere == "RUNNING" and second.run_id == first.run_id and second.elsewhere_sweep == a
     assert f"running in sweep run {a}" in second.elsewhere_note
     assert trial_runs_under(client, exp, b) == {}  # B keeps no run of the key
+    # ... and the claim it made and lost is in the trash ended KILLED, not RUNNING
+    lost = client.search_runs([exp], f"tags.`{schema.PARENT_RUN_ID}` = '{b}'", run_view_type=ViewType.DELETED_ONLY)
+    assert [r.info.status for r in lost] == ["KILLED"]
 
     first.finish()
     again = TrialRun.open(client, exp, b, "k", TAGS, "t")  # A finished it while B runs

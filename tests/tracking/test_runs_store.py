@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -32,6 +34,17 @@ def test_sqlite_store_is_created(tmp_path):
     uri = f"sqlite:///{tmp_path / 'sub' / 'mlflow.db'}"
     check_reachable(uri)
     assert (tmp_path / "sub" / "mlflow.db").exists()
+
+
+def test_two_launches_creating_one_new_store_both_succeed(tmp_path):
+    # The first client of a new SQLite store makes MLflow's tables; two at once used to race
+    # (the second failed with "duplicate column name"): check_reachable serialises them.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = f"from tracking.store import check_reachable; check_reachable({uri!r}, timeout_s=60)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
 
 
 def test_ui_command():
