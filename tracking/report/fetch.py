@@ -12,7 +12,9 @@ In both scopes only FINISHED runs of the base and calibrate stages count, and of
 runs sharing one ``calib.trial_key`` the newest (latest start time) wins. Pretrain runs are not in
 the tables. A base model the degenerate-model guard flagged (tag ``calib.degenerate``) is left
 out with every calibration of it (tag ``calib.upstream_key``): :attr:`TrialSet.excluded` names
-them, and the tables say so under each one. The report files are logged to the given sweep run, or else to the newest sweep run of
+them, and the tables say so under each one. A calibrate run fitted on a subset of its calib split
+(tag ``calib.calib_subjects`` other than ``all``) is kept apart in :attr:`TrialSet.subset_runs`,
+for tracking.report.data_efficiency only. The report files are logged to the given sweep run, or else to the newest sweep run of
 the experiment.
 """
 
