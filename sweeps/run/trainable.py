@@ -194,7 +194,8 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
             if values.notna().any():
                 metrics[name] = float(values.mean())
     splits = getattr(result, "splits", None) or {}
-    if spec.calib_subjects is not None and "calib" in splits:  # the real count, also for "all"
+    # the real count, also for "all" (getattr: callers may pass only the spec fields they log)
+    if getattr(spec, "calib_subjects", None) is not None and "calib" in splits:
         metrics[schema.N_CALIB_SUBJECTS] = float(len(splits["calib"]))
     guard = getattr(result, "guard", None)
     if guard is not None:  # the degenerate-model guard's view of the validation subjects
