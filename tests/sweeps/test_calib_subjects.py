@@ -12,6 +12,7 @@ from support.grids import tiny_grid
 
 from calib.stages import make_split
 from calib.subsets import calib_subset
+from sweeps.cost.model import plan_subjects, trial_work
 from sweeps.grid import GridError, load_grid
 from sweeps.plan import expand
 from sweeps.run.trainable import trial_tags
@@ -110,3 +111,11 @@ def test_the_resolved_grid_yaml_keeps_the_key(tmp_path):
     assert yaml.safe_load(grid.to_yaml())["calib_subjects"] == {"sizes": [1, "all"],
                                                                 "methods": ["platt", "temperature"]}
     assert "calib_subjects" not in yaml.safe_load(_grid(tmp_path).to_yaml())
+
+
+def test_the_cost_model_counts_the_subset_a_trial_fits_on(tmp_path):
+    plan = expand(_grid(tmp_path, calib_subjects=[1, "all"]))
+    n = plan_subjects(plan)["brats18"]
+    work = {t.calib_subjects: trial_work(t, plan, n) for t in _calibrate(plan)
+            if t.method == "temperature" and t.fold == 0}
+    assert work[1].per_epoch < work["all"].per_epoch  # 1 calib subject of 2: less to fit on
