@@ -62,6 +62,8 @@ BEYOND_PAPER_METHODS = ("temperature", "lts", "beta", "histogram_binning", "isot
 METHODS = PAPER_METHODS + BEYOND_PAPER_METHODS
 #: What a method reads: the base stage's logit cache, or the preprocessed images and the base net.
 USES = ("logits", "images")
+#: The grid key ``calib_subjects``'s word for every subject of a fold's calib split (calib.subsets).
+ALL_CALIB_SUBJECTS = "all"
 
 # ---- training schedules --------------------------------------------------------------------------
 

@@ -32,6 +32,9 @@ FIT_SPLIT = "calib.fit_split"  # the split the stage fitted on: train | calib (c
 DEGENERATE = "calib.degenerate"  # base stage: why the guard found the model collapsed (calib.guard)
 # calibrate stage: why the fitted calibrator's test output is constant over the mask (calib.guard)
 CONSTANT_OUTPUT = "calib.constant_output"
+# calibrate stage of a grid with calib_subjects: the calib subjects it fitted on, an int as text or
+# "all" (sweeps.plan.subjects); absent: the whole calib split, the key unset
+CALIB_SUBJECTS = "calib.calib_subjects"
 
 GRID = "calib.grid"  # on the sweep run: grid name
 RESUMED = "calib.resumed"  # on the sweep run: "true" for a --resume launch
@@ -60,6 +63,7 @@ VAL_BRIER_MEAN = "val_brier_mean"
 VAL_METRICS = (VAL_DICE_MEAN, VAL_ECE_MEAN, VAL_NLL_MEAN, VAL_BRIER_MEAN)
 GUARD_FOREGROUND_FRACTION = "guard_foreground_fraction"  # base: predicted fg / mask, val subjects
 GUARD_MEDIAN_ABS_LOGIT = "guard_median_abs_logit"  # base: median |logit| in the mask, val subjects
+N_CALIB_SUBJECTS = "n_calib_subjects"  # calibrate runs tagged calib.calib_subjects: subjects fitted on
 
 # On the sweep run: the launch's totals -- trials per outcome (tracking.runs.TrialOutcome), times.
 TRIALS_PLANNED = "trials_planned"

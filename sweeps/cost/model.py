@@ -137,6 +137,8 @@ def trial_work(t, plan, n_subjects: int) -> Work:
     shape = tuple(plan.grid.preprocessing.shape)
     flops = None if t.net is None else net_flops(t.net, shape)
     sizes = split_sizes(n_subjects, t.split, t.fold)
+    if isinstance(t.calib_subjects, int):  # a calib_subjects trial fits on its subset of calib
+        sizes["calib"] = min(sizes["calib"], t.calib_subjects)
     return stage_work(t.stage, t.method, t.config["params"], t.train, flops, sizes, math.prod(shape),
                       t.split.protocol)
 

@@ -27,6 +27,7 @@ from sweeps.grid.model import DatasetSpec, GridConfig, Overrides, frozen_map, re
 from sweeps.grid.schema import GridFile, read_grid_file
 from sweeps.grid.sections import (PAPER_FOLDS, SEARCHES, Execution, Folds, ImagesDataset, MethodSpec,
                                   Network, PhantomSpec, PredictionsSpec, Search)
+from sweeps.grid.subjects import resolve_methods
 
 #: Environment variable holding the data root when neither the grid nor --data-root names one.
 DATA_ROOT_ENV = "CALIB_DATA_ROOT"
@@ -75,7 +76,9 @@ class GridLoader:
             training=gf.training, methods=methods, search=self.search(gf),
             execution=self.execution(gf), work_dir=work_dir,
             val_fraction=gf.val_fraction, calib_fraction=gf.calib_fraction,
-            losses=frozen_map({w: frozen_map(p) for w, p in gf.losses.items()}))
+            losses=frozen_map({w: frozen_map(p) for w, p in gf.losses.items()}),
+            calib_subjects=None if gf.calib_subjects is None else resolve_methods(
+                gf.calib_subjects, gf.protocol, tuple(gf.methods)))
         if self.require_data:
             self.check_data(datasets)
         return grid

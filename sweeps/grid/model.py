@@ -24,6 +24,7 @@ from calib.vocabulary import (EXTERNAL_WEIGHTS, IMAGES_KIND, PREDICTIONS_KIND, P
 from sweeps.grid.schedules import TrainingSection, train_config
 from sweeps.grid.sections import (Execution, Folds, MethodSpec, Network, PhantomSpec, PredictionsSpec,
                                   Preprocessing, Resources, Search)
+from sweeps.grid.subjects import CalibSubjects
 
 
 #: The protocols by name (calib.vocabulary.PROTOCOLS, calib.stages): under ``paper`` the val split
@@ -89,6 +90,9 @@ class GridConfig:
     calib_fraction: float
     #: the train-time calibration losses' parameters by weights, as the grid set them
     losses: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: ``calib_subjects`` with its methods resolved (sweeps.grid.subjects); None: every calibrate
+    #: trial fits on the whole calib split
+    calib_subjects: CalibSubjects | None = None
 
     def dataset(self, name: str) -> DatasetSpec:
         return next(d for d in self.datasets if d.name == name)
@@ -172,7 +176,10 @@ class GridConfig:
         }
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        d = self.to_dict()
+        if self.calib_subjects is not None:  # only when set: grids without it dump as before
+            d["calib_subjects"] = self.calib_subjects.to_dict()
+        return yaml.safe_dump(d, sort_keys=False)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from sweeps.grid.sections import (SEARCHED_METHODS, DataSection, Execution, Fold
                                   MethodSpec, Network, PhantomSpec, Positive, PredictionsSpec,
                                   Preprocessing, Resources, ResourcesSection, Search, Section,
                                   one_of, methods_of)
+from sweeps.grid.subjects import parse_calib_subjects, resolve_methods
 
 #: Every section of a grid file (the schema's models; tests walk this module for them).
 SECTIONS = (Section, PhantomSpec, ImagesDataset, PredictionsSpec, DataSection, Preprocessing, Folds,
@@ -85,6 +86,8 @@ class GridFile(Section):
     search: Search = Search()
     resources: ResourcesSection = ResourcesSection()
     execution: Execution = Field(default_factory=Execution)  # its own: it is linked to resources
+    #: ``calib_subjects``: fit the covered methods on nested subsets of calib (sweeps.grid.subjects)
+    calib_subjects: Annotated[Any, BeforeValidator(parse_calib_subjects)] = None
 
     @field_validator("val_fraction")
     @classmethod
@@ -124,6 +127,8 @@ class GridFile(Section):
                                   f"train (weights: {', '.join(self.weights)})", f"losses.{weights}")
         self._check_training()
         self._check_methods()
+        if self.calib_subjects is not None:
+            resolve_methods(self.calib_subjects, self.protocol, tuple(self.methods))
         return self
 
     def _check_training(self) -> None:

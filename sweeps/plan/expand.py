@@ -6,7 +6,8 @@ Stages and their dependencies (see docs/architecture.md, "Trials and keys"):
 * ``base``      dataset x fold x weights: CE and CE-SD continue from the pretraining, SD trains
                 from scratch; each base model exports its logits for the calibrate stage;
 * ``calibrate`` dataset x fold x weights x method x LR: the LR axis is conditional -- a list
-                (MC methods), one value per base weights (fine-tuning) or none (Platt, auxiliary).
+                (MC methods), one value per base weights (fine-tuning) or none (Platt, auxiliary);
+                x calib subjects for the methods a ``calib_subjects`` key covers (sweeps.plan.subjects).
 
 A trial's key is the SHA-256 of everything that changes its result -- stage, dataset, weights,
 method and its parameters, fold, LR, resolved network and training configs, preprocessing,
@@ -28,7 +29,8 @@ from calib.methods.recipes import RECIPES
 from calib.schedule import TrainConfig
 from calib.vocabulary import (BASE, CALIBRATE, EXTERNAL_WEIGHTS, PREDICTIONS_KIND, PRETRAIN,
                               PRETRAINED_WEIGHTS, STAGES)
-from sweeps.grid import GridConfig, calibrate_train_config, method_params, resolved_method_params
+from sweeps.grid import GridConfig, GridError, calibrate_train_config, method_params, resolved_method_params
+from sweeps.plan.subjects import UNCOVERED, check_sizes, subject_sizes
 from sweeps.plan.trials import KEY_VERSION, Plan, TrialSpec, trial_key
 
 if TYPE_CHECKING:
@@ -115,6 +117,7 @@ def expand(grid: GridConfig) -> Plan:
     trials: list[TrialSpec] = []
     search = grid.search
     resolved_cache: dict[tuple, dict] = {}
+    check_sizes(grid)
 
     def resolved(m, weights, lr):
         k = (m.name, weights, lr)
@@ -130,11 +133,13 @@ def expand(grid: GridConfig) -> Plan:
         data = _data_payload(grid, ds)
 
         def make(stage, weights, method, fold, lr, params, upstream, wave, train, resolved_params,
-                 sample=None):
+                 sample=None, subjects=None):
             payload = {"version": KEY_VERSION, "stage": stage, "dataset": ds, "weights": weights,
                        "method": method, "fold": fold, "lr": lr,
                        "params": _jsonable(resolved_params), "train": _jsonable(train),
                        "net": _jsonable(net), "data": data, "seed": grid.seed, "upstream": upstream}
+            if subjects is not None:  # only with the key: other grids keep their trial keys
+                payload["calib_subjects"] = subjects
             group = None
             if sample is not None:
                 payload["search"] = {"kind": "optuna", "sample": sample, "lr_low": search.lr_low,
@@ -145,7 +150,7 @@ def expand(grid: GridConfig) -> Plan:
                           wave=wave, resources=grid.execution.resources_for(stage, method),
                           config=payload, train=_train_config(stage, train), split=grid.split,
                           net=net, search="optuna" if sample is not None else "grid",
-                          sample=sample, search_group=group)
+                          sample=sample, search_group=group, calib_subjects=subjects)
             trials.append(t)
             return t
 
@@ -167,6 +172,10 @@ def expand(grid: GridConfig) -> Plan:
                             0 if up is None else 1, train[BASE], loss)
                 for m in grid.methods:
                     if search.kind == "optuna" and m.name in search.methods:
+                        if subject_sizes(grid, m.name) != UNCOVERED:
+                            raise GridError(f"grid {grid.source.name}: calib_subjects: covers "
+                                            f"{m.name!r}, whose LR an Optuna search picks; leave it "
+                                            "out of calib_subjects.methods or search by grid")
                         for i in range(search.samples or len(m.lrs)):
                             make(CALIBRATE, weights, m.name, fold, None, method_params(m, None),
                                  base.key, base.wave + 1, train[CALIBRATE],
@@ -175,9 +184,10 @@ def expand(grid: GridConfig) -> Plan:
                     for lr in m.learning_rates(weights):
                         # Only an LR axis is the trial's ``lr`` (tagged calib.lr); a fixed LR by
                         # weights is one of the method's parameters.
-                        make(CALIBRATE, weights, m.name, fold, lr if m.lrs else None,
-                             method_params(m, lr), base.key, base.wave + 1, train[CALIBRATE],
-                             resolved(m, weights, lr))
+                        for n in subject_sizes(grid, m.name):
+                            make(CALIBRATE, weights, m.name, fold, lr if m.lrs else None,
+                                 method_params(m, lr), base.key, base.wave + 1, train[CALIBRATE],
+                                 resolved(m, weights, lr), subjects=n)
     # Dependency order: by wave, stable within a wave.
     trials.sort(key=lambda t: t.wave)
     return Plan(grid=grid, trials=tuple(trials))
@@ -192,6 +202,7 @@ def _expand_external(grid: GridConfig, make, resolved, train: dict) -> None:
             if RECIPES[m.name].uses != "logits":
                 continue  # network-based methods need the network, which an import does not have
             for lr in (m.lrs or (None,)):
-                make(CALIBRATE, EXTERNAL_WEIGHTS, m.name, fold, lr if m.lrs else None,
-                     method_params(m, lr), base.key, 1, train[CALIBRATE],
-                     resolved(m, EXTERNAL_WEIGHTS, lr))
+                for n in subject_sizes(grid, m.name):
+                    make(CALIBRATE, EXTERNAL_WEIGHTS, m.name, fold, lr if m.lrs else None,
+                         method_params(m, lr), base.key, 1, train[CALIBRATE],
+                         resolved(m, EXTERNAL_WEIGHTS, lr), subjects=n)

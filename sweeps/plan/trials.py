@@ -63,15 +63,20 @@ class TrialSpec:
     search: str = "grid"
     sample: int | None = None
     search_group: str | None = None
+    #: calibrate trials of a ``calib_subjects`` grid: how many calib subjects it fits on (an int
+    #: or ``all``; sweeps.plan.subjects); None: the whole calib split, as without the key
+    calib_subjects: int | str | None = None
 
     @property
     def label(self) -> str:
-        """``calibrate brats18/CE/mc_decoder lr=0.001 fold 2``."""
+        """``calibrate brats18/CE/mc_decoder lr=0.001 fold 2`` (``... calib_subjects=4 fold 2``
+        for a trial on 4 calib subjects)."""
         what = "/".join(x for x in (self.dataset, self.weights if self.stage != PRETRAIN else "",
                                    self.method if self.stage == CALIBRATE else "") if x)
         lr = f" lr={self.lr:g}" if self.lr is not None else (
             f" lr=optuna#{self.sample}" if self.search == "optuna" else "")
-        return f"{self.stage} {what}{lr} fold {self.fold}"
+        subjects = "" if self.calib_subjects is None else f" calib_subjects={self.calib_subjects}"
+        return f"{self.stage} {what}{lr}{subjects} fold {self.fold}"
 
     @property
     def lr_tag(self) -> str:

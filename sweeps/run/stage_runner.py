@@ -45,11 +45,14 @@ def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[
     # The science (torch, MONAI: seconds to import) loads in the worker that runs a trial; the
     # driver imports this module to plan (upstream_needs) and never runs a stage.
     from calib.stages import make_split, run_base, run_calibrate, run_imported, run_pretrain
+    from calib.subsets import calib_subset
 
     s = spec.split
     folds = {int(k): list(v) for k, v in data["folds"].items()}
     split = make_split(Path(data["cache_dir"]), folds, spec.fold, protocol=s.protocol, seed=s.seed,
                        val_fraction=s.val_fraction, calib_fraction=s.calib_fraction)
+    if spec.calib_subjects is not None:  # the calibrators fit on the first n of a seeded order
+        split = calib_subset(split, spec.calib_subjects, s.seed, spec.dataset)
     if spec.external:  # another network's predictions: their logits are the prepared cache's
         logits = logits_dir(data["cache_dir"])
         if spec.stage == BASE:

@@ -90,6 +90,8 @@ def trial_tags(spec: TrialSpec) -> dict[str, str]:
         tags[schema.UPSTREAM_KEY] = spec.upstream
     if spec.search == "optuna":
         tags[schema.SEARCH] = "optuna"
+    if spec.calib_subjects is not None:
+        tags[schema.CALIB_SUBJECTS] = str(spec.calib_subjects)
     return tags
 
 
@@ -191,6 +193,10 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
             values = pd.to_numeric(val[col], errors="coerce")
             if values.notna().any():
                 metrics[name] = float(values.mean())
+    splits = getattr(result, "splits", None) or {}
+    # the real count, also for "all" (getattr: callers may pass only the spec fields they log)
+    if getattr(spec, "calib_subjects", None) is not None and "calib" in splits:
+        metrics[schema.N_CALIB_SUBJECTS] = float(len(splits["calib"]))
     guard = getattr(result, "guard", None)
     if guard is not None:  # the degenerate-model guard's view of the validation subjects
         metrics[schema.GUARD_FOREGROUND_FRACTION] = float(guard.foreground_fraction)
@@ -273,6 +279,7 @@ def run_trial(config: Mapping, ctx: TrialContext) -> None:
         method_params = {**spec.config["params"], **({"lr": spec.lr} if spec.lr is not None else {})}
         run.log_params({"stage": spec.stage, "dataset": spec.dataset, "weights": spec.weights,
                         "method": spec.method, "fold": spec.fold, "lr": spec.lr_tag,
+                        **({} if spec.calib_subjects is None else {"calib_subjects": spec.calib_subjects}),
                         **{f"train.{k}": v for k, v in spec.config["train"].items()},
                         **{f"method.{k}": v for k, v in method_params.items()}})
         run.log_json({**spec.config, "lr": spec.lr, "trial_key": spec.key,

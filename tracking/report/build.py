@@ -19,6 +19,8 @@ from calib.atomic_io import atomic_write, write_text
 
 from tracking.report import files as names
 from tracking.report.analysis import analyse, pareto_by_weights, subject_table, weights_key
+from tracking.report.data_efficiency import (data_efficiency_figure, data_efficiency_markdown,
+                                             data_efficiency_tables)
 from tracking.report.dispersion import dispersion_table, subject_accuracy
 from tracking.report.document import ReportContext, report_markdown
 from tracking.report.errors import WarningLog, log
@@ -76,6 +78,7 @@ class ReportData:
     headline_info: object = None  # tracking.report.headline.Headline (what was left out)
     train_time: dict = None  # dataset → tracking.report.train_time's frame (train-time weights only)
     estimators: dict = None  # dataset → tracking.report.estimators' frame (phantoms only)
+    data_efficiency: dict = None  # dataset → tracking.report.data_efficiency's frame (calib_subjects runs)
 
 
 def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: str | None = None,
@@ -110,10 +113,11 @@ def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: 
                           "(runs from before it was logged); the headline's candidate was chosen "
                           "on the test subjects and its test is optimistic")
         slices = _slice_rows(info.table, selections, reader)
+        efficiency = data_efficiency_tables(trials, select_by, reader.per_subject, warn)
     return ReportData(uri, client, trials, select_by, use_holm, tuple(selections), results,
                       dispersion_table(bins), {k: subject_accuracy(b) for k, b in bins.items()}, warn,
                       info.table, slices, info, train_time_tables(selections, tables, info.table),
-                      estimator_tables(selections, tables))
+                      estimator_tables(selections, tables), efficiency)
 
 
 def _slice_rows(headline: pd.DataFrame, selections, reader: ArtifactReader) -> dict:
@@ -216,6 +220,13 @@ def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, .
         files.append(write_csv(out / names.estimators_csv(ds), frame))
     questions = [train_time_markdown(train_time, names.train_time_csv),
                  estimators_markdown(estimators, names.estimators_csv)]
+    efficiency = data.data_efficiency or {}
+    for ds, frame in efficiency.items():
+        files.append(write_csv(out / names.data_efficiency_csv(ds), frame))
+        files.append(write_png(out / names.data_efficiency_png(ds), data_efficiency_figure(frame, ds)))
+    if efficiency:  # the section only when runs have the tag
+        questions.append(data_efficiency_markdown(efficiency, names.data_efficiency_csv,
+                                                  names.data_efficiency_png))
     # report.md last, so that the warnings raised while writing are in it too.
     files.append(write_text(out / names.REPORT,
                             report_markdown(results, data.selections, dispersion, data.warn.messages, ctx,

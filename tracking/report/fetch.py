@@ -12,7 +12,9 @@ In both scopes only FINISHED runs of the base and calibrate stages count, and of
 runs sharing one ``calib.trial_key`` the newest (latest start time) wins. Pretrain runs are not in
 the tables. A base model the degenerate-model guard flagged (tag ``calib.degenerate``) is left
 out with every calibration of it (tag ``calib.upstream_key``): :attr:`TrialSet.excluded` names
-them, and the tables say so under each one. The report files are logged to the given sweep run, or else to the newest sweep run of
+them, and the tables say so under each one. A calibrate run fitted on a subset of its calib split
+(tag ``calib.calib_subjects`` other than ``all``) is kept apart in :attr:`TrialSet.subset_runs`,
+for tracking.report.data_efficiency only. The report files are logged to the given sweep run, or else to the newest sweep run of
 the experiment.
 """
 
@@ -26,7 +28,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from calib.vocabulary import BASE, CALIBRATE
+from calib.vocabulary import ALL_CALIB_SUBJECTS, BASE, CALIBRATE
 from tracking import schema as S
 from tracking.report.errors import ReportArgumentError, ReportError, WarningLog
 from tracking.runs import FINISHED, search_runs
@@ -64,6 +66,13 @@ class TrialRecord:
     upstream_key: str | None = None
     degenerate: str | None = None  # base runs: why the guard flagged the model
     constant_output: str | None = None  # calibrate runs: why the output is constant over the mask
+    calib_subjects: str | None = None  # calibrate runs of a calib_subjects grid: "1", ..., "all"
+
+    @property
+    def is_subset(self) -> bool:
+        """A run fitted on a subset of its calib split (a size other than ``all``): it answers
+        "how many calibration subjects?" only, never the tables (tracking.report.data_efficiency)."""
+        return self.calib_subjects is not None and self.calib_subjects != ALL_CALIB_SUBJECTS
 
     def describe(self) -> str:
         """A short human name, e.g. ``run 1a2b… (brats18/CE/platt, fold 1, lr 0.001)``."""
@@ -100,6 +109,9 @@ class TrialSet:
     ignored_by_status: dict[str, int]  # non-FINISHED trial runs left out, per status
     superseded: int  # older FINISHED runs of a trial key that a newer one replaced
     excluded: tuple[Exclusion, ...] = ()  # degenerate base models and their calibrations
+    #: calibrate runs on a subset of calib (TrialRecord.is_subset): not in ``runs``, so the
+    #: selection, tables, headline and registry see one run per method as without the key
+    subset_runs: tuple[TrialRecord, ...] = ()
 
     def excluded_from(self, dataset: str) -> tuple[Exclusion, ...]:
         return tuple(e for e in self.excluded if e.dataset == dataset)
@@ -157,7 +169,8 @@ def _parse_trial(run) -> TrialRecord:
         trial_key=tags[S.TRIAL_KEY], protocol=tags.get(S.PROTOCOL) or None,
         search=tags.get(S.SEARCH) or None, metrics=dict(run.data.metrics),
         upstream_key=tags.get(S.UPSTREAM_KEY) or None, degenerate=tags.get(S.DEGENERATE) or None,
-        constant_output=tags.get(S.CONSTANT_OUTPUT) or None)
+        constant_output=tags.get(S.CONSTANT_OUTPUT) or None,
+        calib_subjects=tags.get(S.CALIB_SUBJECTS) or None)
 
 
 def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None = None,
@@ -226,10 +239,11 @@ def collect_trials(client: MlflowClient, experiment: str, sweep_run: str | None 
     if not kept:
         raise ReportError("every base model is degenerate (calib.guard), nothing to tabulate: "
                           + "; ".join(e.describe() for e in excluded))
-    runs = tuple(sorted(kept, key=lambda t: (t.dataset, t.weights, t.method, t.lr, t.fold, t.run_id)))
-    parents = tuple(sorted({t.parent_id for t in runs if t.parent_id}))
+    ordered = sorted(kept, key=lambda t: (t.dataset, t.weights, t.method, t.lr, t.fold, t.run_id))
+    runs = tuple(t for t in ordered if not t.is_subset)
+    parents = tuple(sorted({t.parent_id for t in ordered if t.parent_id}))
     return TrialSet(exp_id, experiment, scope, runs, parents, log_run_id, ignored, superseded,
-                    tuple(excluded))
+                    tuple(excluded), tuple(t for t in ordered if t.is_subset))
 
 
 def _leave_out_degenerate(runs: list[TrialRecord]) -> tuple[list[TrialRecord], list[Exclusion]]:

@@ -35,6 +35,11 @@ FILE_DESCRIPTIONS = {
     "estimators_<dataset>.csv": "phantoms: per ECE estimator its bias and RMSE against the true ECE "
                                 "over subjects x methods, and Kendall's tau between the method "
                                 "rankings by the estimator and by the truth",
+    "data_efficiency_<dataset>.csv": "with calib_subjects: per weights x method x number of calib "
+                                     "subjects its test ECE % (true ECE % on phantoms) with bootstrap "
+                                     "intervals, and the subjects needed to come within 10 % of all",
+    "data_efficiency_<dataset>.png": "test ECE % (and true ECE %) against calib subjects (log2), one "
+                                     "line and band per method",
     REPORT: "this report",
 }
 
@@ -62,6 +67,14 @@ def train_time_csv(dataset: str) -> str:
 
 def estimators_csv(dataset: str) -> str:
     return f"estimators_{_safe(dataset)}.csv"
+
+
+def data_efficiency_csv(dataset: str) -> str:
+    return f"data_efficiency_{_safe(dataset)}.csv"
+
+
+def data_efficiency_png(dataset: str) -> str:
+    return f"data_efficiency_{_safe(dataset)}.png"
 
 
 def slices(dataset: str) -> str:
