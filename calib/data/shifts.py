@@ -20,7 +20,6 @@ Fields (each a factor; 1 = as drawn):
 * ``bias_field`` b (BraTS-like only): the drawn strength of the smooth multiplicative bias field
   (``exp(k B(x))``, ``k`` uniform in 0.04..0.12, ``B`` a unit lattice field) becomes ``b k``; b = 0
   removes it. The ISLES-like CT has no bias field (HU are absolute), so the field is refused there.
-* ``slab_mm`` (ISLES-like only): not yet supported (named so the error says so).
 
 The shift is part of the phantom recipe (``.calib-phantom.json``), so a folder of shifted
 phantoms is never taken for the unshifted ones nor for another shift.
@@ -33,12 +32,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import DataError
+from calib.vocabulary import PHANTOM_SHIFT_FIELDS as SHIFT_FIELDS
+from calib.vocabulary import PHANTOM_SHIFTS as SHIFTABLE
 
-#: The fields of a phantom shift, in the order messages list them.
-SHIFT_FIELDS = ("contrast", "noise", "bias_field")
-#: What each phantom dataset's generator can shift.
-SHIFTABLE = {"brats18": ("contrast", "noise", "bias_field"), "isles18": ("contrast", "noise")}
+from .errors import DataError
 
 
 @dataclass(frozen=True)
