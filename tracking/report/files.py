@@ -35,6 +35,9 @@ FILE_DESCRIPTIONS = {
     "estimators_<dataset>.csv": "phantoms: per ECE estimator its bias and RMSE against the true ECE "
                                 "over subjects x methods, and Kendall's tau between the method "
                                 "rankings by the estimator and by the truth",
+    "shift_<dataset>.csv": "test-time shifts: per weights × method × shift, mean Dice, ECE and true "
+                           "ECE (fractions) under the shift beside in-distribution, Wilcoxon p vs "
+                           "the base model under the same shift",
     REPORT: "this report",
 }
 
@@ -62,6 +65,10 @@ def train_time_csv(dataset: str) -> str:
 
 def estimators_csv(dataset: str) -> str:
     return f"estimators_{_safe(dataset)}.csv"
+
+
+def shift_csv(dataset: str) -> str:
+    return f"shift_{_safe(dataset)}.csv"
 
 
 def slices(dataset: str) -> str:
