@@ -279,6 +279,12 @@ def synth_isles(
         site = pick_site(rng, anat, hemisphere, (15.0, 60.0), min_depth_mm=5.0, allowed=allowed)
         lesions.append(Lesion(site, radius * np.exp(rng.uniform(-0.2, 0.2, 3)), uniform_rotation(rng),
                               _outline(rng, radius)))
+    if shift.slab_mm is not None:  # the same head and lesions, resampled on slices of slab_mm
+        n_slices = max(2, int(round(n_slices * thickness / shift.slab_mm)))
+        affine, stored = grid_affine(axcodes, np.array([pixel, pixel, shift.slab_mm]), (nx, ny, n_slices),
+                                     np.zeros(3))
+        anat = sample_anatomy(warp, affine, stored)
+        brain = anat.brain
     xyz = anat.template_mm
     dists = [les.distance(xyz) for les in lesions]
     p_true = combine([ISLES_P_MAX * sigmoid((1.0 - d) * les.mean_radius * anat.scale / ISLES_EDGE_MM)

@@ -20,6 +20,16 @@ Fields (each a factor; 1 = as drawn):
 * ``bias_field`` b (BraTS-like only): the drawn strength of the smooth multiplicative bias field
   (``exp(k B(x))``, ``k`` uniform in 0.04..0.12, ``B`` a unit lattice field) becomes ``b k``; b = 0
   removes it. The ISLES-like CT has no bias field (HU are absolute), so the field is refused there.
+* ``slab_mm`` (ISLES-like only): the slab is re-rendered on slices of ``slab_mm`` instead of the
+  drawn 4-8 mm, covering the same height (``round(n t / slab_mm)`` slices, at least 2; possibly
+  more than the grid's maximum slice count). What stays the same: in-plane pixels and field of
+  view, the slab's centre and tilt, the subject's warp of the template (anatomy), the lesions
+  (sites picked on the drawn grid, sizes, shapes) and so p* as a function of position, evaluated
+  at the new voxel centres as on any grid. What is new: the labels are drawn afresh on the new
+  voxels (``1[U < p*]``, the same contract), and every later draw of the subject's stream (skull
+  thickness field, perfusion severity and regional field, noise) is taken at other stream
+  positions, so they are those of another draw of the same distributions. Combined with the
+  other fields it applies them too.
 
 The shift is part of the phantom recipe (``.calib-phantom.json``), so a folder of shifted
 phantoms is never taken for the unshifted ones nor for another shift.
@@ -45,6 +55,7 @@ class ImageShift:
     contrast: float = 1.0
     noise: float = 1.0
     bias_field: float = 1.0
+    slab_mm: float | None = None  # ISLES-like: slice thickness (mm) of the re-rendered slab
 
     @classmethod
     def of(cls, value: "ImageShift | Mapping | None", dataset: str | None = None) -> "ImageShift":
@@ -63,6 +74,8 @@ class ImageShift:
                                 f"{f' for {dataset}' if dataset else ''}; valid choices: {', '.join(allowed)}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
                 raise DataError(f"phantom shift field {k!r} must be a number >= 0, got {v!r}")
+            if k == "slab_mm" and v <= 0:
+                raise DataError(f"phantom shift field 'slab_mm' must be > 0 (mm), got {v!r}")
             out[k] = float(v)
         return cls(**out)
 
@@ -72,7 +85,8 @@ class ImageShift:
 
     def recipe(self) -> dict:
         """The fields that differ from the identity (what goes into the phantom recipe)."""
-        return {k: v for k, v in asdict(self).items() if v != 1.0}
+        defaults = asdict(ImageShift())
+        return {k: v for k, v in asdict(self).items() if v != defaults[k]}
 
     def bias_strength(self, strength: float) -> float:
         """The bias field's strength as rendered: ``bias_field`` x the drawn one."""

@@ -2,7 +2,8 @@
 "Grid file"), each scored beside the unshifted test set by the same fitted models.
 
 * a phantom dataset's shift renders the same subjects differently (calib.data.shifts): ``{<name>:
-  {contrast: 0.7}, <name2>: {noise: 2.0, bias_field: 0}}``; written on first use into
+  {contrast: 0.7}, <name2>: {noise: 2.0, bias_field: 0}}`` (ISLES-like: ``{slab_mm: 8}`` too);
+  written on first use into
   ``<data root's parent>/shifts/<name>/<dataset>``;
 * a real dataset's shift is another data root in the same layout (another site, LGG vs HGG):
   ``{<name>: {data_root: /path}}``; every subject there is a test subject of every fold.
@@ -55,7 +56,7 @@ def check_shifts(value: Any) -> dict[str, dict]:
                 checked[k] = v
                 continue
             try:
-                checked[k] = _factor(v)
+                checked[k] = number(v, positive=True) if k == "slab_mm" else _factor(v)
             except GridProblem as exc:
                 raise GridProblem(exc.message, f"{name}.{k}") from None
         out[name] = checked

@@ -45,10 +45,11 @@ def test_real_shift_is_a_data_root(tmp_path):
     ({"shift": {"x": {"contrast": 0.5}}},
      r"datasets\.brats18\.shift\.x\.contrast: 'contrast' is a phantom shift; .*data_root"),
     ({"phantom": {}, "shift": {"x": {"contrst": 0.5}}},
-     r"datasets\.brats18\.shift\.x\.contrst: unknown key.*valid keys: contrast, noise, bias_field, data_root"),
+     r"datasets\.brats18\.shift\.x\.contrst: unknown key.*valid keys: contrast, noise, bias_field, slab_mm, data_root"),
     ({"phantom": {}, "shift": {"x": {"noise": -2}}}, r"datasets\.brats18\.shift\.x\.noise: must be >= 0"),
     ({"phantom": {}, "shift": {"x": {}}}, r"datasets\.brats18\.shift\.x: names no change"),
     ({"phantom": {}, "shift": {"none": {"noise": 2}}}, r"not 'none'"),
+    ({"phantom": {}, "shift": {"x": {"slab_mm": 8}}}, r"brats18 phantoms cannot shift 'slab_mm'"),
 ])
 def test_bad_shift_is_one_line(tmp_path, spec, match):
     with pytest.raises(GridError, match=match):

@@ -112,3 +112,37 @@ def test_identity_shift_changes_no_number():
     s = ImageShift()
     assert s.identity and s.contrast_about_mean(x) is x and s.noise_sd(3.5) == 3.5
     assert s.bias_strength(0.07) == 0.07 and s.recipe() == {}
+
+
+def _isles_one(root: Path, kind: str):
+    (f,) = sorted(root.glob(f"TRAINING/case_1/SMIR.Brain.XX.O.{kind}.*/*.nii"))
+    img = nib.load(f)
+    return np.asarray(img.dataobj, dtype=np.float64), img.affine
+
+
+def test_isles_slab_mm_resamples_the_same_lesion_on_thicker_slices(tmp_path):
+    write_phantoms("isles18", tmp_path / "none", 1, seed=3, shape=(128, 128, 16))
+    p0, a0 = _isles_one(tmp_path / "none", "TrueProb")
+    t0 = np.linalg.norm(a0[:3, :3], axis=0)
+    slab = int(np.argmax(t0))
+    n0 = p0.shape[slab]
+    assert n0 >= 4  # so that half as many slices is a thicker slab
+    n1 = n0 // 2
+    slab_mm = round(float(n0 * t0[slab] / n1), 3)  # thicker slices over the same height
+    write_phantoms("isles18", tmp_path / "slab", 1, seed=3, shape=(128, 128, 16), shift={"slab_mm": slab_mm})
+    p1, a1 = _isles_one(tmp_path / "slab", "TrueProb")
+    t1 = np.linalg.norm(a1[:3, :3], axis=0)
+    assert t1[slab] == pytest.approx(slab_mm) and np.allclose(np.delete(t0, slab), np.delete(t1, slab))
+    assert p1.shape[slab] == max(2, round(n0 * t0[slab] / slab_mm))  # the documented rule
+    # the same lesion: its p*-weighted volume and centre (world mm) agree up to the coarser sampling
+    vol0, vol1 = p0.sum() * np.prod(t0), p1.sum() * np.prod(t1)
+    assert vol0 > 0 and vol1 == pytest.approx(vol0, rel=0.35)
+
+    def centre(p, a):
+        idx = np.argwhere(p > 0).T
+        return (a[:3, :3] @ (idx * p[p > 0]).sum(1) / p.sum()) + a[:3, 3]
+
+    assert np.linalg.norm(centre(p0, a0) - centre(p1, a1)) < 0.5 * slab_mm
+    labels, _ = _isles_one(tmp_path / "slab", "OT")
+    assert labels.shape == p1.shape and not labels[p1 == 0].any() and labels.any()
+    assert json.loads((tmp_path / "slab" / RECIPE_NAME).read_text())["shift"] == {"slab_mm": slab_mm}
