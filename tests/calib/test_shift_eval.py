@@ -66,3 +66,11 @@ def test_calibrator_scored_on_the_base_shifted_logits(stages):
     assert shifted.weights == temp.weights and shifted.best_val_loss == temp.best_val_loss
     with pytest.raises(StageError, match="logits_shift/noisy is required"):
         score_shifts(temp, "calibrate", shifts, NET, 0, temp.weights.parent, CPU, None)
+
+
+def test_unpaired_shift_scores_every_subject_it_holds(stages, tmp_path):
+    _, base, _, _, _, shifts = stages
+    site = {"site": {"cache_dir": shifts["noisy"]["cache_dir"], "paired": False}}
+    rows = score_shifts(base, "base", site, NET, 0, tmp_path, CPU).shift_per_subject
+    held = rows.loc[rows[SHIFT_COLUMN] == "site", "subject_id"]
+    assert len(held) == 6 and held.is_unique  # another data root: all of its subjects, not the fold's
