@@ -8,3 +8,4 @@ CHECKPOINT_NAME = "checkpoint.pt"  # written every epoch; a restarted stage resu
 WEIGHTS_NAME = "weights.pt"  # a U-Net stage's (pretrain, base) model
 METHOD_NAME = "method.pt"  # a calibrate stage's fitted method
 LOGITS_DIRNAME = "logits"  # the base stage's logit cache (calib.logits)
+LOGITS_SHIFT_DIRNAME = "logits_shift"  # the base stage's logits of each test-time shift: <shift>/ (calib.shift_eval)

@@ -82,3 +82,9 @@ METHOD_TRAIN_KEYS = (*TRAIN_SCHEDULE_KEYS, "seed")
 #: How a phantom's labels are drawn from p* (calib.data.synth): independently per voxel, or
 #: through a spatially correlated uniform field (the same marginals).
 LABEL_NOISES = ("iid", "correlated")
+#: What a test-time shift of a phantom changes in its rendering (calib.data.shifts), per dataset;
+#: a real dataset's shift is another data root in the same layout (grid key ``data_root``).
+PHANTOM_SHIFTS = {"brats18": ("contrast", "noise", "bias_field"), "isles18": ("contrast", "noise", "slab_mm")}
+PHANTOM_SHIFT_FIELDS = ("contrast", "noise", "bias_field", "slab_mm")
+#: The ``shift`` of in-distribution rows (per_subject_shift.csv, the report's shift tables).
+NO_SHIFT = "none"

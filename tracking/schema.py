@@ -7,7 +7,7 @@ module); the artifacts that carry them refer to those.
 
 from __future__ import annotations
 
-from calib.stage_files import LOGITS_DIRNAME, WEIGHTS_NAME
+from calib.stage_files import LOGITS_DIRNAME, LOGITS_SHIFT_DIRNAME, WEIGHTS_NAME
 
 # ---- tags ----------------------------------------------------------------------------------------
 ROLE = "calib.role"
@@ -77,10 +77,12 @@ WALL_SECONDS = "wall_seconds"  # the launch's wall time; its COMPUTE_SECONDS: it
 # ---- artifacts -----------------------------------------------------------------------------------
 PER_SUBJECT = "per_subject.csv"  # subject_id, fold, dice, ece, ...
 VAL_PER_SUBJECT = "val_per_subject.csv"  # the same columns, on the fold's val subjects
+PER_SUBJECT_SHIFT = "per_subject_shift.csv"  # shift, then the same columns: test subjects per shift
 RELIABILITY_BINS = "reliability_bins.csv"  # subject_id, bin, count, conf_sum, pos_sum
 WEIGHTS_DIR = "weights"  # the stage's model file (base weights; fitted calibration method)
 WEIGHTS_FILE = f"{WEIGHTS_DIR}/{WEIGHTS_NAME}"  # a U-Net stage's model, read by its dependants
 LOGITS_DIR = LOGITS_DIRNAME  # base stage: every subject's exported logits, read by calibrate trials
+LOGITS_SHIFT_DIR = LOGITS_SHIFT_DIRNAME  # base stage: <shift>/ logits of each shift's test subjects
 TRIAL_CONFIG = "trial_config.json"  # the resolved trial config (what the trial key hashes)
 SPLITS = "splits.json"  # subject ids of train, val, calib and test of the trial's fold
 PREVIEW = "preview.npz"  # one axial slice of the first test subject (calib.preview), for figures
@@ -97,3 +99,8 @@ DRIVER_PID = "calib.driver_pid"
 DRIVER_MACHINE = "calib.driver_machine"  # boot id + pid namespace: where DRIVER_PID means something
 DRIVER_STARTED = "calib.driver_started"  # the driver process's start (clock ticks since boot)
 WORKER_PID = "calib.worker_pid"  # on a trial run: the Ray worker process of its last attempt
+
+
+def shift_metric(shift: str, metric: str) -> str:
+    """The final metric of ``metric`` (``dice``, ``ece``, ``true_ece``) under test-time ``shift``."""
+    return f"shift_{shift}_{metric}_mean"

@@ -48,7 +48,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from calib import atomic_io
@@ -65,20 +64,9 @@ from .anatomy import (
     sample_anatomy,
 )
 from .errors import DataError
-from .layouts import (
-    BRATS_LABEL,
-    BRATS_MODALITIES,
-    BRATS_TRUE_PROB,
-    ISLES_4D,
-    ISLES_CHANNELS,
-    ISLES_FOLDER,
-    ISLES_LABEL,
-    ISLES_TRUE_PROB,
-    SUPPORTED_DATASETS,
-    brats_path,
-    get_layout,
-    isles_path,
-)
+from .layouts import BRATS_MODALITIES, ISLES_4D, ISLES_CHANNELS, SUPPORTED_DATASETS, get_layout
+from .phantom_files import write_brats, write_isles
+from .shifts import ImageShift
 from .synth import (
     LABEL_CORRELATION_MM,
     LABEL_NOISES,
@@ -119,19 +107,6 @@ class PhantomSubject:
     zooms_extra: tuple[float, ...] = ()  # pixdim beyond the spatial ones for ``extra`` (time step)
 
 
-def _save(array: np.ndarray, affine: np.ndarray, path: Path, time_step: float | None = None) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    if time_step is not None:
-        zooms = list(img.header.get_zooms())
-        zooms[3] = time_step
-        img.header.set_zooms(zooms)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
-
-
 def _outline(rng: np.random.Generator, radius: float) -> WaveField:
     """A lesion's irregular outline: lobes of about its own size (waves of 1-2.5 radii), so that
     the outline is lobulated but the distance to it still grows steadily from the centre."""
@@ -158,9 +133,11 @@ OEDEMA_WM_MM = 3.0  # oedema spreads along white matter: the boundary moves +-1.
 
 def synth_brats(
     rng: np.random.Generator, subject_id: str, shape: tuple[int, int, int], axcodes: str, hemisphere: str | None,
-    noise: LabelNoise | None = None,
+    noise: LabelNoise | None = None, shift: ImageShift | None = None,
 ) -> PhantomSubject:
-    """One BraTS-like subject at 1 mm on a grid of ``shape`` voxels along world x, y, z."""
+    """One BraTS-like subject at 1 mm on a grid of ``shape`` voxels along world x, y, z;
+    ``shift`` renders its images differently (calib.data.shifts), every draw unchanged."""
+    shift = shift or ImageShift()
     extent = np.array(shape, dtype=float)
     # Grid centre of the real files: voxel (X-1)/2, (Y-1)/2, (Z-1)/2 under diag(-1,-1,1), (0,Y-1,0).
     centre = np.array([-(extent[0] - 1) / 2, (extent[1] - 1) / 2, (extent[2] - 1) / 2])
@@ -213,9 +190,11 @@ def synth_brats(
         signal = csf * mean["csf"] + gm * mean["gm"] + wm * mean["wm"]
         tumour = core_in * mean["core"] + ring_in * mean["ring"] + edema_in * mean["edema"]
         signal[at] = (1.0 - p_in) * signal[at] + p_in * tumour
-        signal *= gain * np.exp(rng.uniform(0.04, 0.12) * bias_in[m])
-        signal += rng.standard_normal(signal.shape, dtype=np.float32) * np.float32(
-            rng.uniform(0.02, 0.045) * mean["wm"] * gain)
+        signal *= gain * np.exp(shift.bias_strength(rng.uniform(0.04, 0.12)) * bias_in[m])
+        signal = shift.contrast_about_mean(signal)
+        # the draws in today's order: the standard normals, then their sd
+        white = rng.standard_normal(signal.shape, dtype=np.float32)
+        signal += white * np.float32(shift.noise_sd(rng.uniform(0.02, 0.045) * mean["wm"] * gain))
         # Skull-stripped like the real data: exactly 0 outside the brain, >= 1 inside.
         image = np.zeros(stored, dtype=np.int16)
         image[region][inside] = np.clip(np.rint(signal), 1, 32000).astype(np.int16)
@@ -233,7 +212,8 @@ ISLES_P_MAX = 0.9  # even the infarct's centre is not surely labelled (CT vs lat
 HEAD_SHELL_MM = 15.0  # CSF gap, skull and scalp around the brain (template mm)
 
 
-def _head_ct(rng: np.random.Generator, anat, warp, affine, fov: np.ndarray, p_true: np.ndarray) -> np.ndarray:
+def _head_ct(rng: np.random.Generator, anat, warp, affine, fov: np.ndarray, p_true: np.ndarray,
+             shift: ImageShift) -> np.ndarray:
     """CT (HU) of the slab: brain tissue, a thin CSF gap, skull with diploe, scalp, air."""
     s = anat.sdist  # template mm outside the brain surface
     half = np.array([*fov, 60.0])
@@ -246,19 +226,23 @@ def _head_ct(rng: np.random.Generator, anat, warp, affine, fov: np.ndarray, p_tr
     # Cortical tables ~1500 HU around a diploe of ~800 HU.
     bone = 800.0 + 700.0 * (2 * depth - 1) ** 2
     brain_hu = anat.csf * 8.0 + anat.gm * 37.0 + anat.wm * 27.0 - 5.0 * p_true  # early hypodensity
+    brain_hu = shift.contrast_about_mean(brain_hu, anat.brain > 0)
     ct = np.where(anat.brain > 0, brain_hu, -1000.0)
     ct = np.where(gap, 8.0, ct)
     ct = np.where(skull, bone, ct)
     ct = np.where(scalp, 30.0, ct)
-    ct = ct + rng.standard_normal(ct.shape, dtype=np.float32) * np.float32(rng.uniform(3.0, 5.0))
+    white = rng.standard_normal(ct.shape, dtype=np.float32)
+    ct = ct + white * np.float32(shift.noise_sd(rng.uniform(3.0, 5.0)))
     return np.rint(ct).astype(np.int16)
 
 
 def synth_isles(
     rng: np.random.Generator, subject_id: str, shape: tuple[int, int, int], axcodes: str, hemisphere: str | None,
-    noise: LabelNoise | None = None,
+    noise: LabelNoise | None = None, shift: ImageShift | None = None,
 ) -> PhantomSubject:
-    """One ISLES-like subject: ``shape`` = in-plane size x, y and the maximum slice count."""
+    """One ISLES-like subject: ``shape`` = in-plane size x, y and the maximum slice count;
+    ``shift`` renders its images differently (calib.data.shifts), every draw unchanged."""
+    shift = shift or ImageShift()
     nx, ny, max_slices = shape
     pixel = rng.uniform(0.8, 1.0)
     fov = np.array([nx, ny]) * pixel
@@ -295,6 +279,12 @@ def synth_isles(
         site = pick_site(rng, anat, hemisphere, (15.0, 60.0), min_depth_mm=5.0, allowed=allowed)
         lesions.append(Lesion(site, radius * np.exp(rng.uniform(-0.2, 0.2, 3)), uniform_rotation(rng),
                               _outline(rng, radius)))
+    if shift.slab_mm is not None:  # the same head and lesions, resampled on slices of slab_mm
+        n_slices = max(2, int(round(n_slices * thickness / shift.slab_mm)))
+        affine, stored = grid_affine(axcodes, np.array([pixel, pixel, shift.slab_mm]), (nx, ny, n_slices),
+                                     np.zeros(3))
+        anat = sample_anatomy(warp, affine, stored)
+        brain = anat.brain
     xyz = anat.template_mm
     dists = [les.distance(xyz) for les in lesions]
     p_true = combine([ISLES_P_MAX * sigmoid((1.0 - d) * les.mean_radius * anat.scale / ISLES_EDGE_MM)
@@ -303,7 +293,7 @@ def synth_isles(
     p_wide = combine([sigmoid((1.5 - d) * les.mean_radius * anat.scale / 3.0)
                       for d, les in zip(dists, lesions)]) * brain
     ot = draw_labels(rng, p_true, affine, noise).astype(np.uint8)
-    ct = _head_ct(rng, anat, warp, affine, fov, p_true)
+    ct = _head_ct(rng, anat, warp, affine, fov, p_true, shift)
 
     severity = rng.uniform(0.7, 1.2)  # how deep this stroke's perfusion deficit is
     field = LatticeField(rng, x0, np.array([*fov, 60.0]), 40.0 * anat.scale)
@@ -317,7 +307,8 @@ def synth_isles(
     images = {"CT": ct}
     for kind in ISLES_CHANNELS[1:]:
         value, noise = maps[kind]
-        value = value + rng.standard_normal(value.shape, dtype=np.float32) * np.float32(noise)
+        value = shift.contrast_about_mean(value, brain > 0)
+        value = value + rng.standard_normal(value.shape, dtype=np.float32) * np.float32(shift.noise_sd(noise))
         images[kind] = (np.clip(value, 0.0, None) * (brain > 0)).astype(np.float32)
 
     # 4D series: contrast bolus (gamma variate) arriving later where Tmax is long.
@@ -332,25 +323,6 @@ def synth_isles(
     )
 
 # ---------------------------------------------------------------------------------------- writer
-def _write_brats(subject: PhantomSubject, root: Path) -> None:
-    folder = root / subject.group / subject.subject_id
-    for kind, array in subject.images.items():
-        _save(array, subject.affine, brats_path(folder, subject.subject_id, kind))
-    _save(subject.label, subject.affine, brats_path(folder, subject.subject_id, BRATS_LABEL))
-    _save(subject.true_prob, subject.affine, brats_path(folder, subject.subject_id, BRATS_TRUE_PROB))
-
-
-def _write_isles(subject: PhantomSubject, root: Path, index: int) -> None:
-    folder = root / ISLES_FOLDER / subject.subject_id
-    # SMIR object numbers are unique per file in the real data; keep them unique here too.
-    kinds = [*subject.images, ISLES_LABEL, ISLES_4D, ISLES_TRUE_PROB]
-    num = {kind: 345000 + 10 * index + k for k, kind in enumerate(kinds)}
-    for kind, array in subject.images.items():
-        _save(array, subject.affine, isles_path(folder, kind, num[kind]))
-    _save(subject.label, subject.affine, isles_path(folder, ISLES_LABEL, num[ISLES_LABEL]))
-    _save(subject.extra[ISLES_4D], subject.affine, isles_path(folder, ISLES_4D, num[ISLES_4D]),
-          time_step=subject.zooms_extra[0])
-    _save(subject.true_prob, subject.affine, isles_path(folder, ISLES_TRUE_PROB, num[ISLES_TRUE_PROB]))
 
 
 def _read_recipe(out: Path) -> dict | None:
@@ -389,6 +361,7 @@ def write_phantoms(
     axcodes: str | None = None,
     hemisphere: str | None = None,
     label_noise: str = "iid",
+    shift: ImageShift | dict | None = None,
 ) -> list[str]:
     """Write ``n_subjects`` phantom subjects of ``dataset`` under ``out`` in the real layout.
 
@@ -398,6 +371,8 @@ def write_phantoms(
     ``axcodes`` (e.g. "RAS", "PIL") overrides the stored orientation; ``hemisphere`` ("left" or
     "right") puts every lesion in that hemisphere of the patient (tests of orientation handling).
     ``label_noise``: ``iid`` or ``correlated`` (module doc); it is part of the recipe.
+    ``shift``: an ImageShift or its fields (calib.data.shifts): the same subjects, p* and labels,
+    their images rendered differently; a shift other than the identity is part of the recipe.
     The dataset appears at ``out`` in one rename, so a crash leaves no half-written dataset;
     ``out`` must be new or empty, or hold the phantoms of the very same call (then nothing is
     written). Returns the subject ids.
@@ -413,6 +388,7 @@ def write_phantoms(
         raise DataError(f"hemisphere must be 'left', 'right' or None, got {hemisphere!r}")
     if label_noise not in LABEL_NOISES:
         raise DataError(f"label_noise must be one of {', '.join(LABEL_NOISES)}, got {label_noise!r}")
+    shift = ImageShift.of(shift, dataset)
     axcodes = (axcodes or DEFAULT_AXCODES[dataset]).upper()
     try:
         grid_affine(axcodes, np.ones(3), (2, 2, 2), np.zeros(3))
@@ -423,7 +399,8 @@ def write_phantoms(
     recipe = {"dataset": dataset, "n_subjects": n_subjects, "seed": seed, "shape": list(shape),
               "axcodes": axcodes, "hemisphere": hemisphere, "version": PHANTOM_VERSION,
               "label_noise": label_noise,
-              **({"label_correlation_mm": LABEL_CORRELATION_MM} if label_noise == "correlated" else {})}
+              **({"label_correlation_mm": LABEL_CORRELATION_MM} if label_noise == "correlated" else {}),
+              **({"shift": shift.recipe()} if not shift.identity else {})}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if _read_recipe(out) == recipe:  # the same phantoms are already there: nothing to do
             log.info("phantom dataset already at %s; nothing to do", out)
@@ -438,9 +415,9 @@ def write_phantoms(
                 rng = np.random.default_rng([seed, code, index])
                 noise = LabelNoise(label_noise, np.random.default_rng([seed, code, index, 1]))
                 if dataset == "brats18":
-                    _write_brats(synth_brats(rng, sid, shape, axcodes, hemisphere, noise), tmp)
+                    write_brats(synth_brats(rng, sid, shape, axcodes, hemisphere, noise, shift), tmp)
                 else:
-                    _write_isles(synth_isles(rng, sid, shape, axcodes, hemisphere, noise), tmp, index)
+                    write_isles(synth_isles(rng, sid, shape, axcodes, hemisphere, noise, shift), tmp, index)
             (tmp / RECIPE_NAME).write_text(json.dumps(recipe, sort_keys=True) + "\n")
     except atomic_io.FolderConflict as exc:
         raise DataError(str(exc)) from None

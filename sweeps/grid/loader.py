@@ -28,6 +28,7 @@ from sweeps.grid.schema import GridFile, read_grid_file
 from sweeps.grid.sections import (PAPER_FOLDS, SEARCHES, Execution, Folds, ImagesDataset, MethodSpec,
                                   Network, PhantomSpec, PredictionsSpec, Search)
 from sweeps.grid.subjects import resolve_methods
+from sweeps.grid.shifts import DATA_ROOT, DatasetShift, check_kind, phantom_shift_root
 
 #: Environment variable holding the data root when neither the grid nor --data-root names one.
 DATA_ROOT_ENV = "CALIB_DATA_ROOT"
@@ -90,7 +91,17 @@ class GridLoader:
                 "predictions": self.path_of(spec.predictions), "labels": self.path_of(spec.labels),
                 "masks": self.path_of(spec.masks) if spec.masks else None})
             return DatasetSpec(name, p.predictions, predictions=p)
-        return DatasetSpec(name, self.data_root(name, gf, spec.phantom), spec.phantom)
+        root = self.data_root(name, gf, spec.phantom)
+        return DatasetSpec(name, root, spec.phantom, shifts=self.shifts(name, spec, root))
+
+    def shifts(self, name: str, spec: ImagesDataset, root: Path | None) -> tuple[DatasetShift, ...]:
+        """``datasets.<name>.shift``: a phantom's written beside its root, a real dataset's at its
+        ``data_root`` (relative to the launch)."""
+        self.checked(f"datasets.{name}.shift", check_kind, spec.shift, name, spec.phantom is not None)
+        if spec.phantom is not None:
+            return tuple(DatasetShift(s, None if root is None else phantom_shift_root(root, s, name),
+                                      tuple(sorted(f.items()))) for s, f in spec.shift.items())
+        return tuple(DatasetShift(s, self.path_of(f[DATA_ROOT])) for s, f in spec.shift.items())
 
     def data_root(self, name: str, gf: GridFile, phantom: PhantomSpec | None) -> Path | None:
         """--data-root DATASET=DIR > --data-root DIR > data.roots > data.root > $CALIB_DATA_ROOT."""
@@ -166,6 +177,10 @@ class GridLoader:
                     if folder is not None and not folder.is_dir():
                         raise GridError(f"dataset {d.name!r}: the {what} folder {folder} does not exist")
                 continue
+            for s in d.shifts if d.phantom is None else ():
+                if not s.root.is_dir():
+                    raise GridError(f"dataset {d.name!r}: the data root of shift {s.name!r} does not "
+                                    f"exist: {s.root}")
             if d.phantom is not None:
                 continue
             if d.root is None:

@@ -25,6 +25,7 @@ from sweeps.grid.schedules import TrainingSection, train_config
 from sweeps.grid.sections import (Execution, Folds, MethodSpec, Network, PhantomSpec, PredictionsSpec,
                                   Preprocessing, Resources, Search)
 from sweeps.grid.subjects import CalibSubjects
+from sweeps.grid.shifts import DatasetShift
 
 
 #: The protocols by name (calib.vocabulary.PROTOCOLS, calib.stages): under ``paper`` the val split
@@ -49,6 +50,7 @@ class DatasetSpec:
     root: Path | None
     phantom: PhantomSpec | None = None
     predictions: PredictionsSpec | None = None
+    shifts: tuple[DatasetShift, ...] = ()  # test-time shifts (sweeps.grid.shifts); () without the key
 
     @property
     def kind(self) -> str:
@@ -132,12 +134,13 @@ class GridConfig:
         def dataset(d: DatasetSpec) -> dict:
             if d.predictions is not None:
                 return d.predictions.to_dict()
+            shift = {"shift": {s.name: s.fields() for s in d.shifts}} if d.shifts else {}
             if d.phantom is None:
-                return {}
+                return shift
             ph = d.phantom
             return {"phantom": {"subjects": ph.subjects, "seed": ph.seed,
                                 "shape": None if ph.shape is None else list(ph.shape),
-                                "label_noise": ph.label_noise}}
+                                "label_noise": ph.label_noise}, **shift}
 
         resources = self.execution.resources
         return {

@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from calib.vocabulary import (BASE_WEIGHTS, CALIBRATE, DATASET_KINDS, DATASETS, LABEL_NOISES, METHODS,
                               NORMALISATIONS, PREDICTIONS_KIND)
 from sweeps.grid.checks import GridProblem, choice, listed, mapping_keys, number, three_ints
+from sweeps.grid.shifts import ShiftMap
 
 #: ``folds.file: paper``: the published folds of the paper's public code (calib.data).
 PAPER_FOLDS = "paper"
@@ -84,6 +85,8 @@ class ImagesDataset(Section):
     phantom: PhantomSpec | None = None
     kind: Annotated[str | None, BeforeValidator(
         lambda v: None if v is None else choice(v, DATASET_KINDS, "dataset kind"))] = None
+    #: test-time shifts of the test subjects (sweeps.grid.shifts); the loader checks them
+    shift: ShiftMap = Field(default_factory=dict)
 
 
 def _foreground(value: Any) -> tuple[int, ...] | None:

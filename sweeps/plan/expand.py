@@ -92,6 +92,8 @@ def _data_payload(grid: GridConfig, dataset: str) -> dict:
         "protocol": grid.protocol,
         "val_fraction": grid.val_fraction,
         "calib_fraction": grid.calib_fraction,
+        # test-time shifts: only with the grid key, so that every other key stays as it was
+        **({"shift": {s.name: s.key_payload() for s in ds.shifts}} if ds.shifts else {}),
     }
 
 

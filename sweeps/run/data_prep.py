@@ -10,7 +10,7 @@ read it directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from calib.data import make_folds, paper_folds_file, preprocess_dataset, read_folds, read_meta, write_phantoms
@@ -25,10 +25,13 @@ class PreparedData:
     dataset: str
     cache_dir: str
     folds: dict[int, list[str]]
+    #: test-time shifts: name -> {"cache_dir", "paired"} (calib.shift_eval); {} without the grid key
+    shifts: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "cache_dir": self.cache_dir,
-                "folds": {int(k): list(v) for k, v in self.folds.items()}}
+                "folds": {int(k): list(v) for k, v in self.folds.items()},
+                **({"shifts": {k: dict(v) for k, v in self.shifts.items()}} if self.shifts else {})}
 
 
 def ensure_phantoms(spec: DatasetSpec) -> None:
@@ -76,7 +79,25 @@ def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) 
         raise ValueError(f"folds of {dataset}: the grid expects folds 0..{grid.folds.n_folds - 1}, "
                          f"missing {missing}")
     return PreparedData(dataset=dataset, cache_dir=str(cache),
-                        folds={int(k): list(v) for k, v in folds.items()})
+                        folds={int(k): list(v) for k, v in folds.items()},
+                        shifts=prepare_shifts(grid, spec, workers))
+
+
+def prepare_shifts(grid: GridConfig, spec: DatasetSpec, workers: int | None = None) -> dict[str, dict]:
+    """Each test-time shift of ``spec`` (sweeps.grid.shifts) written (phantoms: the same subjects,
+    seed and recipe with the shift's rendering, every subject) and preprocessed like the dataset
+    into its own cache; name -> ``{"cache_dir", "paired"}`` (paired: the same subject ids)."""
+    out = {}
+    for s in spec.shifts:
+        if s.phantom:
+            ph = spec.phantom
+            write_phantoms(spec.name, s.root, ph.subjects, ph.seed, ph.shape, label_noise=ph.label_noise,
+                           shift=dict(s.render))
+        cache = preprocess_dataset(spec.name, s.root, grid.cache_dir, spacing=grid.preprocessing.spacing,
+                                   shape=grid.preprocessing.shape, workers=workers, progress=False,
+                                   normalisation=grid.preprocessing.normalisation)
+        out[s.name] = {"cache_dir": str(cache), "paired": s.paired}
+    return out
 
 
 def import_external(grid: GridConfig, dataset: str) -> Path:

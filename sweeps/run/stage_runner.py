@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 #: Upstream artifacts each stage needs: artifact paths in the upstream run (tracking.schema).
 WEIGHTS_ARTIFACT = schema.WEIGHTS_FILE
 LOGITS_ARTIFACT = schema.LOGITS_DIR
+LOGITS_SHIFT_ARTIFACT = schema.LOGITS_SHIFT_DIR  # the base's logits under each test-time shift
 
 
 def upstream_needs(spec: TrialSpec) -> tuple[str, ...]:
@@ -31,11 +32,27 @@ def upstream_needs(spec: TrialSpec) -> tuple[str, ...]:
         return ()  # an import's logits are in its prepared cache, on the shared volume
     if spec.stage == BASE:
         return (WEIGHTS_ARTIFACT,)
-    return (LOGITS_ARTIFACT,) if RECIPES[spec.method].uses == "logits" else (WEIGHTS_ARTIFACT,)
+    if RECIPES[spec.method].uses != "logits":
+        return (WEIGHTS_ARTIFACT,)
+    return (LOGITS_ARTIFACT, LOGITS_SHIFT_ARTIFACT) if spec.config["data"].get("shift") else (LOGITS_ARTIFACT,)
 
 
 def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[str, Path],
               device, callbacks: Sequence[Callable]) -> "StageResult":
+    """Run the stage of ``spec`` in ``work_dir`` (:func:`run_one_stage`), then -- with test-time
+    shifts in ``data`` (``PreparedData.shifts``) -- score its base or calibrate model on each
+    (calib.shift_eval: ``per_subject_shift.csv``, the base's ``logits_shift/``)."""
+    result = run_one_stage(spec, data, work_dir, upstream, device, callbacks)
+    if not data.get("shifts") or spec.external or spec.stage == PRETRAIN:
+        return result
+    from calib.shift_eval import score_shifts  # torch: in the worker, as the stage's own import
+
+    return score_shifts(result, spec.stage, data["shifts"], spec.net, spec.fold, work_dir, device,
+                        upstream.get(LOGITS_SHIFT_ARTIFACT))
+
+
+def run_one_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[str, Path],
+                  device, callbacks: Sequence[Callable]) -> "StageResult":
     """Run the stage of ``spec`` in ``work_dir`` (resuming from ``work_dir/checkpoint.pt``).
 
     ``data``: :meth:`PreparedData.to_dict` of the trial's dataset; ``upstream``: local paths of

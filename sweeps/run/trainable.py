@@ -39,6 +39,7 @@ import torch
 from ray import tune
 
 from calib.preview import save_preview
+from calib.shift_rows import shift_means
 from calib.stage_files import CHECKPOINT_NAME as CHECKPOINT_FILE  # what a stage resumes from
 from calib.training import TrainingError
 from sweeps.plan.graph import UPSTREAM_RUN_CONFIG
@@ -213,6 +214,10 @@ def _log_result(run, spec: TrialSpec, result, seconds: float) -> dict[str, float
         run.set_tags(tags)
     if getattr(result, "splits", None):
         run.log_json(result.splits, schema.SPLITS)
+    shifted = getattr(result, "shift_per_subject", None)  # test-time shifts (calib.shift_eval)
+    if shifted is not None:
+        run.log_text(shifted.to_csv(index=False), schema.PER_SUBJECT_SHIFT)
+        metrics.update({schema.shift_metric(s, m): v for (s, m), v in shift_means(shifted).items()})
     if getattr(result, "preview", None):  # one slice of the first test subject, for the report
         run.log_artifact(save_preview(result.preview, Path(result.weights).parent / schema.PREVIEW))
     run.log_text(per_subject.to_csv(index=False), schema.PER_SUBJECT)

@@ -39,6 +39,7 @@ from tracking.report.slices import SliceRow, slice_figure
 from tracking.report.files import FILE_DESCRIPTIONS
 from tracking.report.registry import register_best
 from tracking.report.selection import Selection, pool_subjects, select_runs
+from tracking.report.shift import shift_markdown, shift_tables
 from tracking.report.tables import latex_table, markdown_table
 from tracking.report.train_time import train_time_markdown, train_time_tables
 from tracking.store import resolve_tracking_uri
@@ -79,6 +80,7 @@ class ReportData:
     train_time: dict = None  # dataset → tracking.report.train_time's frame (train-time weights only)
     estimators: dict = None  # dataset → tracking.report.estimators' frame (phantoms only)
     data_efficiency: dict = None  # dataset → tracking.report.data_efficiency's frame (calib_subjects runs)
+    shift: dict = None  # dataset → tracking.report.shift's frame (runs with test-time shifts only)
 
 
 def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: str | None = None,
@@ -114,10 +116,11 @@ def compute_report(experiment: str, tracking_uri: str | None = None, sweep_run: 
                           "on the test subjects and its test is optimistic")
         slices = _slice_rows(info.table, selections, reader)
         efficiency = data_efficiency_tables(trials, select_by, reader.per_subject, warn)
+        shift = shift_tables(selections, reader.per_subject_shift)
     return ReportData(uri, client, trials, select_by, use_holm, tuple(selections), results,
                       dispersion_table(bins), {k: subject_accuracy(b) for k, b in bins.items()}, warn,
                       info.table, slices, info, train_time_tables(selections, tables, info.table),
-                      estimator_tables(selections, tables), efficiency)
+                      estimator_tables(selections, tables), efficiency, shift)
 
 
 def _slice_rows(headline: pd.DataFrame, selections, reader: ArtifactReader) -> dict:
@@ -218,8 +221,12 @@ def _write_all(out: Path, data: ReportData, ctx: ReportContext) -> tuple[Path, .
     estimators = data.estimators or {}
     for ds, frame in estimators.items():
         files.append(write_csv(out / names.estimators_csv(ds), frame))
+    shift = data.shift or {}
+    for ds, frame in shift.items():
+        files.append(write_csv(out / names.shift_csv(ds), frame))
     questions = [train_time_markdown(train_time, names.train_time_csv),
-                 estimators_markdown(estimators, names.estimators_csv)]
+                 estimators_markdown(estimators, names.estimators_csv),
+                 *([shift_markdown(shift, names.shift_csv)] if shift else [])]
     efficiency = data.data_efficiency or {}
     for ds, frame in efficiency.items():
         files.append(write_csv(out / names.data_efficiency_csv(ds), frame))

@@ -288,6 +288,11 @@ class ArtifactReader:
         df = self._read(run, PER_SUBJECT_FILE, PER_SUBJECT_COLUMNS, int_columns=("fold",))
         return upgrade_per_subject(df)
 
+    def per_subject_shift(self, run: TrialRecord) -> pd.DataFrame:
+        """``per_subject_shift.csv`` (calib.shift_eval): ``shift``, then the per_subject.csv columns."""
+        return upgrade_per_subject(self._read(run, S.PER_SUBJECT_SHIFT, PER_SUBJECT_COLUMNS,
+                                              int_columns=("fold",)))
+
     def reliability_bins(self, run: TrialRecord) -> pd.DataFrame:
         """``subject_id`` (str), ``bin`` (int), ``count``, ``conf_sum``, ``pos_sum``."""
         return self._read(run, RELIABILITY_FILE, RELIABILITY_COLUMNS, int_columns=("bin",))

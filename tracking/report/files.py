@@ -40,6 +40,9 @@ FILE_DESCRIPTIONS = {
                                      "intervals, and the subjects needed to come within 10 % of all",
     "data_efficiency_<dataset>.png": "test ECE % (and true ECE %) against calib subjects (log2), one "
                                      "line and band per method",
+    "shift_<dataset>.csv": "test-time shifts: per weights × method × shift, mean Dice, ECE and true "
+                           "ECE (fractions) under the shift beside in-distribution, Wilcoxon p vs "
+                           "the base model under the same shift",
     REPORT: "this report",
 }
 
@@ -75,6 +78,8 @@ def data_efficiency_csv(dataset: str) -> str:
 
 def data_efficiency_png(dataset: str) -> str:
     return f"data_efficiency_{_safe(dataset)}.png"
+def shift_csv(dataset: str) -> str:
+    return f"shift_{_safe(dataset)}.csv"
 
 
 def slices(dataset: str) -> str:
