@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from calib.data.predictions import logits_dir
 from calib.methods.recipes import RECIPES
-from calib.vocabulary import BASE, PRETRAIN
+from calib.vocabulary import ALL_CALIB_SUBJECTS, BASE, PRETRAIN
 from sweeps.plan.trials import TrialSpec
 from tracking import schema
 
@@ -41,9 +41,13 @@ def run_stage(spec: TrialSpec, data: Mapping, work_dir: Path, upstream: Mapping[
               device, callbacks: Sequence[Callable]) -> "StageResult":
     """Run the stage of ``spec`` in ``work_dir`` (:func:`run_one_stage`), then -- with test-time
     shifts in ``data`` (``PreparedData.shifts``) -- score its base or calibrate model on each
-    (calib.shift_eval: ``per_subject_shift.csv``, the base's ``logits_shift/``)."""
+    (calib.shift_eval: ``per_subject_shift.csv``, the base's ``logits_shift/``). A calibrator
+    fitted on a ``calib_subjects`` subset is scored in-distribution only: the report's shift
+    table reads the calibrators fitted on all calibration subjects, and the subsets would
+    multiply the scoring for nothing it shows."""
     result = run_one_stage(spec, data, work_dir, upstream, device, callbacks)
-    if not data.get("shifts") or spec.external or spec.stage == PRETRAIN:
+    subset = spec.calib_subjects not in (None, ALL_CALIB_SUBJECTS)
+    if not data.get("shifts") or spec.external or spec.stage == PRETRAIN or subset:
         return result
     from calib.shift_eval import score_shifts  # torch: in the worker, as the stage's own import
 
