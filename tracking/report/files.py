@@ -78,6 +78,8 @@ def data_efficiency_csv(dataset: str) -> str:
 
 def data_efficiency_png(dataset: str) -> str:
     return f"data_efficiency_{_safe(dataset)}.png"
+
+
 def shift_csv(dataset: str) -> str:
     return f"shift_{_safe(dataset)}.csv"
 
