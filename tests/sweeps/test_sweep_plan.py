@@ -174,3 +174,25 @@ def test_the_demo_grid_runs_every_method_and_weights_on_volumes_that_show_a_brai
     # phantoms in the real geometry: BraTS 240 x 240 x 155 at 1 mm, ISLES 256 x 256 slabs
     assert tuple(grid.dataset("brats18").phantom.shape) == (240, 240, 155)
     assert tuple(grid.dataset("isles18").phantom.shape)[:2] == (256, 256)
+
+
+def test_the_questions_grid_asks_all_three_questions_and_the_train_time_one():
+    from calib.stages import make_split
+    from calib.vocabulary import TRAIN_TIME_WEIGHTS
+
+    grid = load_grid("questions", require_data=False, env={})
+    plan = expand(grid)
+    calib = [t for t in plan.trials if t.stage == "calibrate"]
+    # 1: every calibrator at every size, nested up to the whole calib split
+    sizes = Counter((t.weights, t.method) for t in calib)
+    assert set(sizes.values()) == {4} and {t.calib_subjects for t in calib} == {1, 2, 4, "all"}
+    # the honest split of fold 0 holds 8 calibration subjects, so 4 < all
+    ids = [f"s{i:02d}" for i in range(grid.dataset("brats18").phantom.subjects)]
+    split = make_split(Path("."), {0: ids[:16], 1: ids[16:]}, 0, val_fraction=grid.val_fraction,
+                       calib_fraction=grid.calib_fraction)
+    assert len(split.calib_ids) == 8 and len(split.test_ids) >= 12 and len(split.val_ids) >= 2
+    # 2: shifts of the phantom's rendering; 3: phantoms (the truth is known)
+    spec = grid.dataset("brats18")
+    assert spec.phantom is not None and {s.name for s in spec.shifts} == {"contrast", "noise", "bias_field"}
+    # the train-time question: every train-time loss beside the paper's CE-SD
+    assert set(grid.weights) == {"CE-SD", *TRAIN_TIME_WEIGHTS}
