@@ -43,6 +43,7 @@ from .cache import cache_dir_for, cache_key, cache_writer, is_complete, source_f
 from .check import check_subject
 from .errors import EMPTY_MASK, DataError, Problem, error_from_problems
 from .layouts import SubjectFiles, discover, get_layout
+from .nifti import open_image
 from ..vocabulary import NORMALISATIONS
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,10 @@ def process_subject(files: SubjectFiles, config: PreprocessConfig, out_dir: Path
         arrays["true_prob"] = np.clip(np.asarray(d["true_prob"][0], dtype=np.float32), 0.0, 1.0)
     write_subject(out_dir / f"{sid}.npz", **arrays)
 
-    src = nib.load(str(files.label), mmap=False)
+    problems: list[Problem] = []  # the label passed check_subject: this read is for provenance
+    src = open_image(files.label, sid, problems)
+    if src is None:
+        raise error_from_problems(problems, f"subject {sid}")
     lesion_src_mm3 = float(np.count_nonzero(np.asanyarray(src.dataobj)) * np.prod(src.header.get_zooms()[:3]))
     lesion_mm3 = float(arrays["label"].sum()) * config.spacing**3
     return {
