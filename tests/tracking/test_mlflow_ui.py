@@ -126,8 +126,9 @@ def test_the_ui_opens_on_runs_with_trials_datasets_and_models(ui_server, browser
     trial = next(a for a in browser.find_elements(By.XPATH, "//a[contains(@href, '/runs/')]")
                  if a.text == "calibrate brats18/CE/platt fold 0")
     browser.get(trial.get_attribute("href") + "?workflowType=machine_learning")
-    text = _wait_text(browser, "dice_mean", "ece_mean", "Logged models (1)", "brats18-fold0-train")
-    assert "brats18-CE-platt-fold0" in text and "Ready" in text
+    # the logged-models table fills in after its header: wait for its row, not only the header
+    text = _wait_text(browser, "dice_mean", "ece_mean", "Logged models (1)", "brats18-fold0-train",
+                      "brats18-CE-platt-fold0", "Ready")
     assert "launch.py" in text and "Parent run" in text
 
     # the report registered the best calibrated model
