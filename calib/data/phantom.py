@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,6 +363,7 @@ def write_phantoms(
     hemisphere: str | None = None,
     label_noise: str = "iid",
     shift: ImageShift | dict | None = None,
+    only: Sequence[str] | None = None,
 ) -> list[str]:
     """Write ``n_subjects`` phantom subjects of ``dataset`` under ``out`` in the real layout.
 
@@ -373,6 +375,9 @@ def write_phantoms(
     ``label_noise``: ``iid`` or ``correlated`` (module doc); it is part of the recipe.
     ``shift``: an ImageShift or its fields (calib.data.shifts): the same subjects, p* and labels,
     their images rendered differently; a shift other than the identity is part of the recipe.
+    ``only``: write just these subjects of the ``n_subjects`` (each drawn exactly as in the whole
+    dataset, from its own index's seed; e.g. a shift needed only on the test subjects); a proper
+    subset is part of the recipe as ``subjects``.
     The dataset appears at ``out`` in one rename, so a crash leaves no half-written dataset;
     ``out`` must be new or empty, or hold the phantoms of the very same call (then nothing is
     written). Returns the subject ids.
@@ -396,15 +401,20 @@ def write_phantoms(
         raise DataError(str(exc)) from None
     out = Path(out)
     ids = subject_ids(dataset, n_subjects)
+    keep = set(ids) if only is None else set(only)
+    if not keep or keep - set(ids):
+        raise DataError(f"only: {sorted(keep - set(ids)) or 'no subject'} not among the {n_subjects} "
+                        f"subjects of this recipe ({ids[0]} .. {ids[-1]})")
     recipe = {"dataset": dataset, "n_subjects": n_subjects, "seed": seed, "shape": list(shape),
               "axcodes": axcodes, "hemisphere": hemisphere, "version": PHANTOM_VERSION,
               "label_noise": label_noise,
               **({"label_correlation_mm": LABEL_CORRELATION_MM} if label_noise == "correlated" else {}),
-              **({"shift": shift.recipe()} if not shift.identity else {})}
+              **({"shift": shift.recipe()} if not shift.identity else {}),
+              **({"subjects": sorted(keep)} if len(keep) < len(ids) else {})}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if _read_recipe(out) == recipe:  # the same phantoms are already there: nothing to do
             log.info("phantom dataset already at %s; nothing to do", out)
-            return ids
+            return [i for i in ids if i in keep]
         raise DataError(_recipe_conflict(out, recipe))
     # A concurrent writer of the same phantoms may publish first: its folder is then used.
     try:
@@ -412,6 +422,8 @@ def write_phantoms(
                                      conflict=lambda t: _recipe_conflict(t, recipe)) as tmp:
             code = SUPPORTED_DATASETS.index(dataset)
             for index, sid in enumerate(ids):
+                if sid not in keep:
+                    continue
                 rng = np.random.default_rng([seed, code, index])
                 noise = LabelNoise(label_noise, np.random.default_rng([seed, code, index, 1]))
                 if dataset == "brats18":
@@ -421,4 +433,4 @@ def write_phantoms(
             (tmp / RECIPE_NAME).write_text(json.dumps(recipe, sort_keys=True) + "\n")
     except atomic_io.FolderConflict as exc:
         raise DataError(str(exc)) from None
-    return ids
+    return [i for i in ids if i in keep]

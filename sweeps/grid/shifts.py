@@ -4,7 +4,8 @@
 * a phantom dataset's shift renders the same subjects differently (calib.data.shifts): ``{<name>:
   {contrast: 0.7}, <name2>: {noise: 2.0, bias_field: 0}}`` (ISLES-like: ``{slab_mm: 8}`` too);
   written on first use into
-  ``<data root's parent>/shifts/<name>/<dataset>``;
+  ``<data root's parent>/shifts/<name>/<dataset>`` (with ``folds.only``, only the test subjects of
+  those folds, beside it: sweeps.run.data_prep.prepare_shifts);
 * a real dataset's shift is another data root in the same layout (another site, LGG vs HGG):
   ``{<name>: {data_root: /path}}``; every subject there is a test subject of every fold.
 

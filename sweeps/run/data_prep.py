@@ -10,6 +10,7 @@ read it directly.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,24 +81,50 @@ def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) 
                          f"missing {missing}")
     return PreparedData(dataset=dataset, cache_dir=str(cache),
                         folds={int(k): list(v) for k, v in folds.items()},
-                        shifts=prepare_shifts(grid, spec, workers))
+                        shifts=prepare_shifts(grid, spec, workers, folds))
 
 
-def prepare_shifts(grid: GridConfig, spec: DatasetSpec, workers: int | None = None) -> dict[str, dict]:
-    """Each test-time shift of ``spec`` (sweeps.grid.shifts) written (phantoms: the same subjects,
-    seed and recipe with the shift's rendering, every subject) and preprocessed like the dataset
-    into its own cache; name -> ``{"cache_dir", "paired"}`` (paired: the same subject ids)."""
+def prepare_shifts(grid: GridConfig, spec: DatasetSpec, workers: int | None = None,
+                   folds: dict[int, list[str]] | None = None) -> dict[str, dict]:
+    """Each test-time shift of ``spec`` (sweeps.grid.shifts) written and preprocessed like the
+    dataset into its own cache; name -> ``{"cache_dir", "paired"}`` (paired: the same subject ids).
+
+    A phantom shift renders the same subjects, seed and recipe with the shift's rendering, but only
+    the test subjects of the folds that run (``folds``: fold -> test ids; a shift is scored on test
+    subjects only, and rendering a subject costs seconds): all of them when every fold runs, else
+    into ``<dataset>-test-<hash of the ids>`` beside ``<dataset>``, so another ``folds.only`` finds
+    its own folder instead of a conflicting recipe.
+    """
     out = {}
     for s in spec.shifts:
+        root = s.root
         if s.phantom:
             ph = spec.phantom
-            write_phantoms(spec.name, s.root, ph.subjects, ph.seed, ph.shape, label_noise=ph.label_noise,
-                           shift=dict(s.render))
-        cache = preprocess_dataset(spec.name, s.root, grid.cache_dir, spacing=grid.preprocessing.spacing,
+            tested = shift_subjects(grid, folds)
+            if tested is not None:
+                root = root.with_name(f"{root.name}-test-{_ids_hash(tested)}")
+            write_phantoms(spec.name, root, ph.subjects, ph.seed, ph.shape, label_noise=ph.label_noise,
+                           shift=dict(s.render), only=tested)
+        cache = preprocess_dataset(spec.name, root, grid.cache_dir, spacing=grid.preprocessing.spacing,
                                    shape=grid.preprocessing.shape, workers=workers, progress=False,
                                    normalisation=grid.preprocessing.normalisation)
         out[s.name] = {"cache_dir": str(cache), "paired": s.paired}
     return out
+
+
+def shift_subjects(grid: GridConfig, folds: dict[int, list[str]] | None) -> list[str] | None:
+    """The subjects a phantom shift must hold: the test ids of the folds that run, sorted; None
+    (all of them) when every fold runs or the folds are not given."""
+    if folds is None:
+        return None
+    runs = grid.folds.run_folds()
+    if set(runs) >= set(folds):
+        return None
+    return sorted({sid for f in runs for sid in folds[f]})
+
+
+def _ids_hash(ids: list[str]) -> str:
+    return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:8]
 
 
 def import_external(grid: GridConfig, dataset: str) -> Path:

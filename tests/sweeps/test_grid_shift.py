@@ -72,3 +72,15 @@ def test_keys_change_only_with_the_key(tmp_path):
     assert {t.key for t in plain.trials}.isdisjoint({t.key for t in shifted.trials})
     assert all(t.config["data"]["shift"] == {"n": {"noise": 2.0}} for t in shifted.trials)
     assert yaml.safe_load(plain.grid.to_yaml())["datasets"]["brats18"].keys() == {"phantom"}
+
+
+def test_a_phantom_shift_holds_the_test_subjects_of_the_folds_that_run(tmp_path):
+    from sweeps.run.data_prep import shift_subjects
+
+    spec = {"phantom": {"subjects": 6}, "shift": {"dim": {"contrast": 0.7}}}
+    folds = {0: ["b", "d", "f"], 1: ["a", "c", "e"]}
+    every = load_grid(str(_grid(tmp_path, spec)), cwd=tmp_path)
+    assert shift_subjects(every, folds) is None  # every fold runs: the whole dataset
+    path = tiny_grid(tmp_path / "one.yaml", tmp_path / "data", tmp_path / "cache",
+                     datasets={"brats18": spec}, folds={"n_folds": 2, "seed": 0, "only": [1]})
+    assert shift_subjects(load_grid(str(path), cwd=tmp_path), folds) == ["a", "c", "e"]

@@ -5,6 +5,7 @@ logits_shift/), and the report writes shift_<dataset>.csv and its section."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +27,9 @@ def test_shift_is_scored_by_base_and_calibrator_and_reported(ray_session, tmp_pa
     out = io.StringIO()
     rc = launch(LaunchOptions(grid=str(grid_file), tracking_uri=mlflow_store), out=out, err=out)
     assert rc == 0, out.getvalue()
-    assert (tmp_path / "data" / "shifts" / "noisy" / "brats18" / ".calib-phantom.json").is_file()
+    # fold 0 of 2 runs: the shift renders only fold 0's test subjects, beside the whole dataset's name
+    (written,) = (tmp_path / "data" / "shifts" / "noisy").glob("brats18-test-*")
+    rendered = json.loads((written / ".calib-phantom.json").read_text())["subjects"]
 
     client = MlflowClient(mlflow_store)
     exp = client.get_experiment_by_name("calib-tiny")
@@ -41,7 +44,7 @@ def test_shift_is_scored_by_base_and_calibrator_and_reported(ray_session, tmp_pa
                                                      str(tmp_path / r.info.run_id)))
         assert set(rows["shift"]) == {"none", "noisy"}
         assert sorted(rows.loc[rows["shift"] == "noisy", "subject_id"]) == \
-            sorted(rows.loc[rows["shift"] == "none", "subject_id"])
+            sorted(rows.loc[rows["shift"] == "none", "subject_id"]) == rendered
         assert m[schema.shift_metric("noisy", "ece")] == pytest.approx(
             rows.loc[rows["shift"] == "noisy", "ece"].mean())
         # per_subject.csv keeps its rows: in-distribution only

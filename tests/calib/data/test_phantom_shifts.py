@@ -146,3 +146,24 @@ def test_isles_slab_mm_resamples_the_same_lesion_on_thicker_slices(tmp_path):
     labels, _ = _isles_one(tmp_path / "slab", "OT")
     assert labels.shape == p1.shape and not labels[p1 == 0].any() and labels.any()
     assert json.loads((tmp_path / "slab" / RECIPE_NAME).read_text())["shift"] == {"slab_mm": slab_mm}
+
+
+def test_only_writes_those_subjects_as_the_whole_dataset_draws_them(tmp_path):
+    whole = write_phantoms("brats18", tmp_path / "all", 3, seed=4, shape=SHAPES["brats18"],
+                           shift={"noise": 2.0})
+    some = write_phantoms("brats18", tmp_path / "some", 3, seed=4, shape=SHAPES["brats18"],
+                          shift={"noise": 2.0}, only=[whole[2], whole[0]])
+    assert some == [whole[0], whole[2]]
+    assert sorted(p.name for p in (tmp_path / "some").glob("*/*") if p.is_dir()) == sorted(some)
+    for sid in some:
+        for kind in ("seg", "trueprob", "flair"):
+            a, b = (next((tmp_path / r).glob(f"*/{sid}/*_{kind}.nii.gz")) for r in ("all", "some"))
+            assert np.array_equal(np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj)), (sid, kind)
+    assert json.loads((tmp_path / "some" / RECIPE_NAME).read_text())["subjects"] == some
+    assert "subjects" not in json.loads((tmp_path / "all" / RECIPE_NAME).read_text())
+
+
+def test_only_names_a_subject_the_recipe_does_not_have(tmp_path):
+    with pytest.raises(DataError, match="'nope'.*not among the 2 subjects"):
+        write_phantoms("brats18", tmp_path / "x", 2, seed=4, shape=SHAPES["brats18"], only=["nope"])
+    assert not (tmp_path / "x").exists()
