@@ -405,6 +405,7 @@ def write_phantoms(
     if not keep or keep - set(ids):
         raise DataError(f"only: {sorted(keep - set(ids)) or 'no subject'} not among the {n_subjects} "
                         f"subjects of this recipe ({ids[0]} .. {ids[-1]})")
+    written = [i for i in ids if i in keep]
     recipe = {"dataset": dataset, "n_subjects": n_subjects, "seed": seed, "shape": list(shape),
               "axcodes": axcodes, "hemisphere": hemisphere, "version": PHANTOM_VERSION,
               "label_noise": label_noise,
@@ -414,7 +415,7 @@ def write_phantoms(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if _read_recipe(out) == recipe:  # the same phantoms are already there: nothing to do
             log.info("phantom dataset already at %s; nothing to do", out)
-            return [i for i in ids if i in keep]
+            return written
         raise DataError(_recipe_conflict(out, recipe))
     # A concurrent writer of the same phantoms may publish first: its folder is then used.
     try:
@@ -433,4 +434,4 @@ def write_phantoms(
             (tmp / RECIPE_NAME).write_text(json.dumps(recipe, sort_keys=True) + "\n")
     except atomic_io.FolderConflict as exc:
         raise DataError(str(exc)) from None
-    return [i for i in ids if i in keep]
+    return written

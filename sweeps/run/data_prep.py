@@ -81,11 +81,11 @@ def prepare_dataset(grid: GridConfig, dataset: str, workers: int | None = None) 
                          f"missing {missing}")
     return PreparedData(dataset=dataset, cache_dir=str(cache),
                         folds={int(k): list(v) for k, v in folds.items()},
-                        shifts=prepare_shifts(grid, spec, workers, folds))
+                        shifts=prepare_shifts(grid, spec, folds, workers))
 
 
-def prepare_shifts(grid: GridConfig, spec: DatasetSpec, workers: int | None = None,
-                   folds: dict[int, list[str]] | None = None) -> dict[str, dict]:
+def prepare_shifts(grid: GridConfig, spec: DatasetSpec, folds: dict[int, list[str]],
+                   workers: int | None = None) -> dict[str, dict]:
     """Each test-time shift of ``spec`` (sweeps.grid.shifts) written and preprocessed like the
     dataset into its own cache; name -> ``{"cache_dir", "paired"}`` (paired: the same subject ids).
 
@@ -95,14 +95,14 @@ def prepare_shifts(grid: GridConfig, spec: DatasetSpec, workers: int | None = No
     into ``<dataset>-test-<hash of the ids>`` beside ``<dataset>``, so another ``folds.only`` finds
     its own folder instead of a conflicting recipe.
     """
+    tested = shift_subjects(grid, folds)
+    suffix = "" if tested is None else f"-test-{_ids_hash(tested)}"
     out = {}
     for s in spec.shifts:
         root = s.root
         if s.phantom:
             ph = spec.phantom
-            tested = shift_subjects(grid, folds)
-            if tested is not None:
-                root = root.with_name(f"{root.name}-test-{_ids_hash(tested)}")
+            root = root.with_name(root.name + suffix)
             write_phantoms(spec.name, root, ph.subjects, ph.seed, ph.shape, label_noise=ph.label_noise,
                            shift=dict(s.render), only=tested)
         cache = preprocess_dataset(spec.name, root, grid.cache_dir, spacing=grid.preprocessing.spacing,
@@ -112,11 +112,9 @@ def prepare_shifts(grid: GridConfig, spec: DatasetSpec, workers: int | None = No
     return out
 
 
-def shift_subjects(grid: GridConfig, folds: dict[int, list[str]] | None) -> list[str] | None:
+def shift_subjects(grid: GridConfig, folds: dict[int, list[str]]) -> list[str] | None:
     """The subjects a phantom shift must hold: the test ids of the folds that run, sorted; None
-    (all of them) when every fold runs or the folds are not given."""
-    if folds is None:
-        return None
+    (all of them) when every fold runs."""
     runs = grid.folds.run_folds()
     if set(runs) >= set(folds):
         return None
