@@ -63,7 +63,13 @@ class DropoutSite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or self.suspended or self.p == 0.0:
             return x
-        return F.dropout(x, self.p, training=True)
+        if x.device.type != "cpu" or self.p >= 1.0:
+            return F.dropout(x, self.p, training=True)
+        # The same elementwise dropout (keep with probability 1 - p, scale by 1 / (1 - p)) from a
+        # uniform draw: on the CPU, F.dropout's Bernoulli sampling took about twice as long, a
+        # third of an MC-dropout inference (20 passes through the sites per subject).
+        keep = torch.rand_like(x) >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}, active={self.active}"

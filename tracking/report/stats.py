@@ -3,6 +3,12 @@
 References: Wilcoxon (1945) signed-rank test via ``scipy.stats.wilcoxon`` (two-sided, zero
 differences dropped — scipy's default ``zero_method="wilcox"``, exact null distribution for small
 samples without ties); Holm (1979), "A simple sequentially rejective multiple test procedure".
+
+With tied or zero differences and n <= 13, scipy's ``method="auto"`` runs an exact permutation
+test over all 2^n sign flips, calling its statistic once per flip (a second per test at n = 12;
+a report makes hundreds of tests). :func:`wilcoxon_paired` runs that same exact test through
+``scipy.stats.permutation_test`` with a vectorised statistic: the ranks of |d| do not change when
+signs flip, so the statistic of every flip is one matrix product. Same null distribution, same p.
 """
 
 from __future__ import annotations
@@ -38,9 +44,33 @@ def wilcoxon_paired(a: pd.Series, b: pd.Series) -> PairedTest:
     diff = both["a"].to_numpy(float) - both["b"].to_numpy(float)
     if np.all(diff == 0):
         return PairedTest(1.0, n)
+    if n <= _EXACT_PERMUTATION_MAX_N:
+        nonzero = diff != 0
+        ranks = np.zeros(n)  # zeros are dropped (zero_method="wilcox"): rank 0, never counted
+        ranks[nonzero] = stats.rankdata(np.abs(diff[nonzero]))
+        if not nonzero.all() or len(np.unique(ranks[nonzero])) < nonzero.sum():
+            # tied or zero differences: where scipy's "auto" runs the exact permutation test
+            return PairedTest(_signed_rank_permutation_p(diff, ranks), n)
     res = stats.wilcoxon(both["a"].to_numpy(float), both["b"].to_numpy(float),
                          alternative="two-sided")
     return PairedTest(float(res.pvalue), n)
+
+
+#: Up to this many pairs scipy's wilcoxon(method="auto") tests tied or zero differences exactly by
+#: permutation (2^13 < its 9999 resamples); above it, asymptotically.
+_EXACT_PERMUTATION_MAX_N = 13
+
+
+def _signed_rank_permutation_p(diff: np.ndarray, ranks: np.ndarray) -> float:
+    """Two-sided exact p of the signed-rank statistic R+ = sum of the ranks of the positive
+    differences over all 2^n sign flips of ``diff`` (scipy's statistic and null distribution).
+    ``ranks``: average ranks of |diff| among the nonzero differences, 0 for the zeros."""
+    def r_plus(d: np.ndarray, axis: int) -> np.ndarray:
+        return (np.moveaxis(d, axis, -1) > 0) @ ranks
+
+    res = stats.permutation_test((diff,), r_plus, permutation_type="samples", vectorized=True,
+                                 n_resamples=np.inf, alternative="two-sided")
+    return float(res.pvalue)
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
