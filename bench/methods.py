@@ -10,6 +10,9 @@ Measured side by side in one run, on the same subjects and the same network:
 * ``mc_decoder_prefix_speedup`` / ``mc_center_prefix_speedup`` -- 20-sample MC inference of one
   subject with the deterministic prefix run once against the whole net run 20 times, same
   dropout masks (outputs asserted equal; target >= 1.3x).
+* ``dropout_site_speedup`` -- one MC-dropout site (``calib.nets.unet.DropoutSite``, rate 0.5) on
+  a decoder-sized activation, its uniform-draw mask against ``torch.nn.functional.dropout``'s
+  Bernoulli sampling on the CPU (kept fraction and scale asserted alike).
 
 Each figure is a ratio of process CPU seconds (min over repeats, one torch thread), so that a
 burst of foreign load on a shared machine does not tilt it; the wall-time ratios are reported
@@ -153,6 +156,27 @@ def bench_mc(net, subject, setting: str, samples: int, repeats: int) -> dict:
             f"mc_{setting}_prefix_wall_speedup": wall[False] / wall[True]}
 
 
+def bench_dropout_site(shape: tuple[int, int, int], channels: int, repeats: int) -> dict:
+    from calib.nets.unet import DropoutSite
+
+    site = DropoutSite(0.5)
+    site.active = True
+    x = torch.randn(1, channels, *shape)
+    runs = {"site": [], "F.dropout": []}
+    calls = 20
+    for _ in range(repeats):  # alternate the variants so that machine noise hits both alike
+        for name, f in (("site", site), ("F.dropout", lambda t: torch.nn.functional.dropout(t, 0.5, True))):
+            with Timer() as t:
+                for _ in range(calls):
+                    y = f(x)
+            runs[name].append(t)
+            kept = float((y != 0).float().mean())
+            assert abs(kept - 0.5) < 0.01 and torch.allclose(y[y != 0], 2 * x[y != 0]), name
+    cpu = {k: min(t.cpu for t in r) / calls for k, r in runs.items()}
+    return {"dropout_site_cpu_ms": 1e3 * cpu["site"], "dropout_functional_cpu_ms": 1e3 * cpu["F.dropout"],
+            "dropout_site_speedup": cpu["F.dropout"] / cpu["site"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="last line: one JSON object of the figures")
@@ -182,6 +206,7 @@ def main(argv=None) -> int:
         figures.update(bench_platt(net, subjects, args.subjects - 2, args.epochs, args.repeats, Path(tmp)))
     for setting in ("decoder", "center"):
         figures.update(bench_mc(net, subjects[0], setting, args.samples, args.repeats))
+    figures.update(bench_dropout_site(shape, cfg.features[0][1], max(args.repeats, 3)))
 
     print(f"calibration-method costs: {args.net} U-Net ({figures['parameters']:,} parameters), "
           f"{args.subjects} subjects of {shape}, {args.threads} CPU threads")
