@@ -41,6 +41,7 @@ from calib.logits import write_subject_logits  # noqa: E402
 from calib.methods import build_method  # noqa: E402
 from calib.methods.mc_dropout import mc_probability  # noqa: E402
 from calib.nets import UNet3D, UNetConfig, count_parameters  # noqa: E402
+from calib.nets.unet import DropoutSite  # noqa: E402
 from calib.training import fit  # noqa: E402
 
 
@@ -157,8 +158,6 @@ def bench_mc(net, subject, setting: str, samples: int, repeats: int) -> dict:
 
 
 def bench_dropout_site(shape: tuple[int, int, int], channels: int, repeats: int) -> dict:
-    from calib.nets.unet import DropoutSite
-
     site = DropoutSite(0.5)
     site.active = True
     x = torch.randn(1, channels, *shape)
